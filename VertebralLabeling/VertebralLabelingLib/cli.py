@@ -1,0 +1,162 @@
+"""The ``vertebral-labeling`` command line: label, evaluate, train, phantom.
+
+Errors the user can fix (bad image, missing model, existing output) print one line and exit
+with status 2; outputs are written only after labeling succeeded, each one atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError, VertebralLabelingError
+
+
+def _add_label(sub):
+    p = sub.add_parser("label", help="label the discs of one MRI volume")
+    p.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder")
+    p.add_argument("-o", "--output", required=True, help="markups file to write (.mrk.json)")
+    p.add_argument("--csv", help="also write a CSV table")
+    p.add_argument("--dlabel", help="also write an SCT disc-label NIfTI in the input's grid")
+    p.add_argument("--qc", help="also write a QC picture (PNG)")
+    p.add_argument("--slice", type=float, dest="slice_r", metavar="R_MM",
+                   help="use the sagittal plane at this R coordinate (mm) instead of the automatic one")
+    p.add_argument("--model", default="compact", help="bundled model name or .keras path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (they may hold corrections)")
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="accuracy against SCT disc labels of a BIDS dataset")
+    p.add_argument("--bids", required=True)
+    p.add_argument("--json", required=True, help="where to write the metrics")
+    p.add_argument("--model", default="compact")
+    p.add_argument("--fold-dir", help="folder of NAME-loso-sub-X.keras models: each subject is "
+                   "labeled by the model that did not see it (leave-one-subject-out)")
+    p.add_argument("--subjects", nargs="*", help="only these subject ids")
+
+
+def _add_train(sub):
+    from .dataset import data_root
+
+    p = sub.add_parser("train", help="train the disc networks")
+    p.add_argument("--bids", required=True, help="BIDS dataset with derivatives/labels disc labels")
+    p.add_argument("--out", required=True, help="folder for NAME.keras + NAME.json")
+    p.add_argument("--pam50", default=str(data_root() / "mri" / "pam50"),
+                   help="PAM50 template folder as extra data ('' to skip)")
+    p.add_argument("--architecture", default="compact", choices=["compact", "romero2018"])
+    p.add_argument("--name", help="model name (default: the architecture)")
+    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget-min", type=float, default=60.0)
+    p.add_argument("--phantoms", type=int, default=12, help="synthetic phantoms added to training")
+    p.add_argument("--exclude", nargs="*", default=[], help="subject ids left out")
+    p.add_argument("--contrast", default="T2w")
+
+
+def _add_phantom(sub):
+    p = sub.add_parser("phantom", help="write a synthetic cervical-spine volume (demo / tests)")
+    p.add_argument("output", help="image file to write, e.g. phantom.nii.gz")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vertebral-labeling", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_label, _add_evaluate, _add_train, _add_phantom):
+        add(sub)
+    return p
+
+
+def _refuse_existing(paths, overwrite):
+    existing = [str(p) for p in paths if p and Path(p).exists()]
+    if existing and not overwrite:
+        raise InputError(f"Output exists: {', '.join(existing)}. It may hold corrections; "
+                         "pass --overwrite to replace it.")
+
+
+def cmd_label(args):
+    from . import export
+    from .labeling import DiscLabeler
+    from .volume import load_volume
+
+    if not args.output.endswith(".mrk.json"):
+        raise InputError("The output file name must end with .mrk.json")
+    _refuse_existing([args.output, args.csv, args.dlabel, args.qc], args.overwrite)
+    volume = load_volume(args.input)
+    labeler = DiscLabeler.load(args.model)
+    result = labeler.label(volume, slice_r_mm=args.slice_r)
+    export.write_markups_json(result.discs, args.output)
+    if args.csv:
+        export.write_csv(result.discs, args.csv)
+    if args.dlabel:
+        export.write_disc_label_nifti(result.discs, volume, args.dlabel)
+    if args.qc:
+        export.write_qc_png(result, args.qc)
+    for disc in result.discs:
+        flag = f"  REVIEW: {disc.reason}" if disc.flagged else ""
+        r, a, s = disc.ras
+        print(f"{disc.name}: R {r:7.1f}  A {a:7.1f}  S {s:7.1f}  confidence {disc.confidence:.2f}{flag}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"labeled in {result.seconds:.2f} s -> {args.output}")
+    return 0
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate
+
+    folds = {}
+    if args.fold_dir:
+        for path in Path(args.fold_dir).glob("*-loso-*.keras"):
+            folds[path.stem.split("-loso-", 1)[1]] = path
+    metrics = evaluate(args.bids, model=args.model, model_for_subject=folds, subjects=args.subjects,
+                       log=lambda m: print(m, file=sys.stderr))
+    from .volume import write_atomic_bytes
+
+    write_atomic_bytes(args.json, (json.dumps(metrics, indent=2) + "\n").encode())
+    keys = ("n_subjects", "n_discs", "mean_error_mm", "median_error_mm", "mean_error_sagittal_mm",
+            "identification_rate", "seconds_per_case", "model_parameters")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    return 0
+
+
+def cmd_train(args):
+    from .train import train
+
+    path = train(args.out, bids=args.bids, pam50=args.pam50 or None, architecture=args.architecture,
+                 steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                 time_budget_s=args.time_budget_min * 60, exclude=tuple(args.exclude),
+                 n_phantoms=args.phantoms, name=args.name, contrast=args.contrast,
+                 log=lambda m: print(m, flush=True))
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_phantom(args):
+    from .phantom import make_phantom
+    from .volume import write_image_atomic
+
+    volume, discs = make_phantom(seed=args.seed)
+    write_image_atomic(volume.to_sitk(), args.output)
+    for value, point in sorted(discs.items()):
+        print(f"disc {value}: RAS {point.round(1).tolist()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    handler = {"label": cmd_label, "evaluate": cmd_evaluate, "train": cmd_train,
+               "phantom": cmd_phantom}[args.command]
+    try:
+        return handler(args)
+    except VertebralLabelingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Training data: reading labeled subjects and generating augmented midsagittal samples.
+
+Only a few labeled subjects exist, so every training sample is a fresh, randomly posed slice
+through a 3D volume: the plane is shifted off the midline (slice offset), rotated in and out
+of plane, scaled, elastically warped, averaged over a slab (thick slices), cut to a smaller
+field of view, and its intensities are re-mapped (gamma, inversion for T1-like contrast, bias
+field, noise, blur).  Disc positions are carried through the same transform, so the labels stay
+exact.  Synthetic phantoms and the PAM50 template add anatomy the few subjects lack.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from . import DISC_VALUES
+from .errors import InputError
+from .midsagittal import normalize_intensity, sample_plane
+from .phantom import make_phantom
+from .volume import Volume, load_volume, read_image
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def data_root() -> Path:
+    """The shared data folder (VERTEBRAL_LABELING_DATA overrides ../shared/data)."""
+    return Path(os.environ.get("VERTEBRAL_LABELING_DATA", DEFAULT_DATA))
+
+
+@dataclass
+class Subject:
+    """A volume with ground-truth disc posterior tips (SCT value -> RAS mm)."""
+
+    name: str
+    volume: Volume
+    discs: dict = field(default_factory=dict)
+    image_path: Path | None = None
+    label_path: Path | None = None
+
+
+def read_disc_labels(path: str | os.PathLike, values=DISC_VALUES) -> dict:
+    """Read an SCT disc-label image: one (or a few) voxels per value -> mean RAS position."""
+    image = read_image(path)
+    array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+    geometry = Volume(array=np.zeros((1, 1, 1)), ijk_to_ras=_ijk_to_ras(image))
+    discs = {}
+    for value in values:
+        idx = np.argwhere(np.rint(array) == value)
+        if len(idx):
+            discs[int(value)] = geometry.index_to_ras(idx).mean(axis=0)
+    return discs
+
+
+def _ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    matrix = np.eye(4)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    matrix[:3, :3] = flip @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = flip @ np.array(image.GetOrigin(), float)
+    return matrix
+
+
+def find_bids_pairs(bids_dir: str | os.PathLike, contrast: str = "T2w"):
+    """(subject id, image path, disc-label path or None) for every image of the contrast."""
+    bids_dir = Path(bids_dir)
+    pairs = []
+    pattern = str(bids_dir / "sub-*" / "**" / f"*_{contrast}.nii*")
+    for image in sorted(glob.glob(pattern, recursive=True)):
+        image = Path(image)
+        rel = image.relative_to(bids_dir)
+        stem = image.name.split(".nii")[0]
+        label = bids_dir / "derivatives" / "labels" / rel.parent / f"{stem}_label-discs_dlabel.nii.gz"
+        pairs.append((rel.parts[0], image, label if label.exists() else None))
+    return pairs
+
+
+def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=()) -> list[Subject]:
+    """Labeled subjects of a BIDS dataset (those without a disc-label file are skipped)."""
+    subjects = []
+    for sub, image, label in find_bids_pairs(bids_dir, contrast):
+        if label is None or sub in exclude:
+            continue
+        discs = read_disc_labels(label)
+        if discs:
+            subjects.append(Subject(sub, load_volume(image), discs, image, label))
+    if not subjects:
+        raise InputError(f"No labeled {contrast} images found under {bids_dir}.")
+    return subjects
+
+
+def load_pam50(pam50_dir) -> Subject:
+    pam50_dir = Path(pam50_dir)
+    volume = load_volume(pam50_dir / "PAM50_small_t2.nii.gz")
+    discs = read_disc_labels(pam50_dir / "PAM50_small_label_discPosterior.nii.gz")
+    return Subject("PAM50", volume, discs)
+
+
+def make_phantom_subjects(count: int, seed: int) -> list[Subject]:
+    rng = np.random.default_rng(seed)
+    subjects = []
+    for i in range(count):
+        volume, discs = make_phantom(seed=int(rng.integers(1 << 30)),
+                                     lateral_shift=rng.uniform(-6, 6), lateral_tilt=rng.uniform(-0.08, 0.08))
+        subjects.append(Subject(f"phantom{i}", volume, {v: p for v, p in discs.items() if v in DISC_VALUES}))
+    return subjects
+
+
+# ---------------------------------------------------------------------------------------------
+def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    axis = axis / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def _midline_of(points: np.ndarray) -> tuple[float, float]:
+    if len(points) >= 3 and np.ptp(points[:, 2]) > 20:
+        b, a = np.polyfit(points[:, 2], points[:, 0], 1)
+        return float(a), float(np.clip(b, -0.3, 0.3))
+    return float(points[:, 0].mean()), 0.0
+
+
+def _smooth_field(rng, shape, cells: int, sigma: float) -> np.ndarray:
+    coarse = rng.normal(0, sigma, size=(max(2, shape[0] // cells), max(2, shape[1] // cells)))
+    zoom = (shape[0] / coarse.shape[0], shape[1] / coarse.shape[1])
+    return ndimage.zoom(coarse, zoom, order=3)[: shape[0], : shape[1]]
+
+
+def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128),
+                     strength: float = 1.0, keep_all_discs: bool = False):
+    """One randomly posed and re-contrasted slice of ``subject``.
+
+    Returns ``(image, targets)``: image (H, W) float32 in ~[0, 1.5]; targets (6, 2) pixel
+    (row, col) of discs C2-C3..C7-T1, NaN where absent or outside the field of view.
+    ``keep_all_discs`` keeps every disc in view (fixed-size regressors need that).
+    """
+    values = [v for v in DISC_VALUES if v in subject.discs]
+    points = np.array([subject.discs[v] for v in values])
+    a, b = _midline_of(np.array(list(subject.discs.values())))
+    row = np.array([-b, 0.0, -1.0]); row /= np.linalg.norm(row)
+    col = np.array([0.0, -1.0, 0.0])
+    normal = np.cross(col, row)
+    deg = np.pi / 180 * strength
+    rot = (_rotation(normal, rng.uniform(-15, 15) * deg) @ _rotation(row, rng.uniform(-6, 6) * deg)
+           @ _rotation(col, rng.uniform(-4, 4) * deg))
+    scale = np.exp(rng.uniform(np.log(0.85), np.log(1.2)) * strength)
+    row, col, normal = rot @ row * scale, rot @ col * scale, rot @ normal
+    if keep_all_discs:
+        anchor = points.mean(axis=0) + np.array([0, rng.uniform(-8, 8), rng.uniform(-8, 8)])
+        r0, c0 = shape[0] / 2, shape[1] / 2 + 10
+    else:
+        anchor = points[rng.integers(len(points))] + np.array([0, rng.uniform(-15, 15), rng.uniform(-45, 45)])
+        r0, c0 = rng.uniform(0.2, 0.8) * shape[0], rng.uniform(0.3, 0.7) * shape[1]
+    anchor[0] = a + b * anchor[2] + rng.normal(0, 1.5) * strength
+    origin = anchor - r0 * row - c0 * col
+    disp = None
+    if rng.random() < 0.5 * strength:
+        disp = np.stack([_smooth_field(rng, shape, 32, 3.0), _smooth_field(rng, shape, 32, 3.0)])
+    offsets = (0.0,)
+    if rng.random() < 0.25 * strength:
+        thick = rng.uniform(2, 5)
+        offsets = (-thick / 2, 0.0, thick / 2)
+    plane = sample_plane(subject.volume, origin, row, col, shape, disp, offsets)
+
+    targets = np.full((len(DISC_VALUES), 2), np.nan)
+    basis = np.stack([row, col, normal], axis=1)
+    for value, point in zip(values, points):
+        rc = np.linalg.solve(basis, point - origin)[:2]
+        if disp is not None:
+            rc = rc - np.array([ndimage.map_coordinates(d, rc[:, None], order=1, mode="nearest")[0]
+                                for d in disp])
+        targets[DISC_VALUES.index(value)] = rc
+    inside = plane.inside.copy()
+    if not keep_all_discs and rng.random() < 0.3 * strength:  # smaller field of view
+        cut = int(rng.uniform(0.15, 0.6) * shape[0])
+        if rng.random() < 0.5:
+            inside[:cut] = False
+        else:
+            inside[shape[0] - cut:] = False
+    targets = _drop_invisible(targets, inside, shape)
+    image = normalize_intensity(plane.image, inside)
+    image = _augment_intensity(image, inside, rng, strength)
+    return image, targets
+
+
+def _drop_invisible(targets: np.ndarray, inside: np.ndarray, shape) -> np.ndarray:
+    out = targets.copy()
+    for k, (r, c) in enumerate(targets):
+        if np.isnan(r):
+            continue
+        ri, ci = int(round(r)), int(round(c))
+        if not (0 <= ri < shape[0] and 0 <= ci < shape[1]) or not inside[ri, ci]:
+            out[k] = np.nan
+    return out
+
+
+def _augment_intensity(image, inside, rng, strength):
+    x = image
+    if rng.random() < 0.8 * strength:
+        x = np.clip(x, 0, None) ** np.exp(rng.uniform(-0.5, 0.5))
+    if rng.random() < 0.15 * strength:  # inverted contrast (T1-like CSF) keeps anatomy, not intensities
+        x = np.clip(1.2 - x, 0, None)
+    if rng.random() < 0.5 * strength:
+        x = x * np.exp(_smooth_field(rng, x.shape, 48, 0.25))
+    if rng.random() < 0.2 * strength:
+        x = ndimage.gaussian_filter(x, rng.uniform(0.5, 1.2))
+    if rng.random() < 0.6 * strength:
+        x = np.abs(x + rng.normal(0, rng.uniform(0, 0.07), x.shape))
+    x = x * rng.uniform(0.85, 1.15)
+    x = np.where(inside, x, 0.0)
+    return x.astype(np.float32)
+
+
+def negative_sample(rng: np.random.Generator, shape=(192, 128)):
+    """An image with no spine (smooth random texture): teaches the network to stay quiet."""
+    x = np.abs(_smooth_field(rng, shape, rng.choice([4, 8, 16]), 1.0))
+    x = x / (x.max() + 1e-6) * rng.uniform(0.5, 1.2) + rng.normal(0, 0.05, shape)
+    return np.clip(x, 0, 1.5).astype(np.float32), np.full((len(DISC_VALUES), 2), np.nan)
+
+
+def heatmap_targets(targets: np.ndarray, shape, stride: int, sigma: float) -> np.ndarray:
+    """Gaussian heatmaps (H/stride, W/stride, n_discs) centred on the target pixels."""
+    h, w = shape[0] // stride, shape[1] // stride
+    rows = (np.arange(h) * stride + (stride - 1) / 2)[:, None]
+    cols = (np.arange(w) * stride + (stride - 1) / 2)[None, :]
+    maps = np.zeros((h, w, len(targets)), np.float32)
+    for k, (r, c) in enumerate(targets):
+        if not np.isnan(r):
+            maps[..., k] = np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma ** 2))
+    return maps
+
+
+class SampleMixer:
+    """Draws training samples from real subjects, PAM50, phantoms and negatives."""
+
+    def __init__(self, real, pam50=None, phantoms=(), seed=0, weights=(0.62, 0.13, 0.2, 0.05)):
+        self.sources = [list(real), [pam50] if pam50 else [], list(phantoms), ["negative"]]
+        w = np.array([wt if src else 0.0 for wt, src in zip(weights, self.sources)])
+        self.weights = w / w.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def draw(self, shape, keep_all_discs=False):
+        source = self.sources[self.rng.choice(4, p=self.weights)]
+        item = source[self.rng.integers(len(source))]
+        if item == "negative":
+            if keep_all_discs:
+                return self.draw(shape, keep_all_discs)
+            return negative_sample(self.rng, shape)
+        return augmented_sample(item, self.rng, shape, keep_all_discs=keep_all_discs)

@@ -1,0 +1,125 @@
+"""Writing results: Slicer markups JSON, CSV, SCT disc-label NIfTI and a QC picture.
+
+Every writer is atomic (temporary file, then rename), so an interrupted run never leaves a
+half-written file where a study expects a good one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .midsagittal import normalize_intensity
+from .volume import Volume, write_atomic_bytes, write_image_atomic
+
+MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+                  "Resources/Schema/markups-schema-v1.0.3.json#")
+CSV_COLUMNS = ("disc", "value", "R", "A", "S", "confidence", "flagged", "reason")
+
+
+def describe(disc) -> str:
+    """Control point description: confidence always, and the review reason when flagged."""
+    text = f"confidence={disc.confidence:.2f}"
+    return text + (f"; REVIEW: {disc.reason}" if disc.flagged else "")
+
+
+def markups_dict(discs, locked: bool = False) -> dict:
+    """Slicer markups (schema v1.0.3) with one control point per disc, coordinates in LPS."""
+    points = []
+    for index, disc in enumerate(discs, start=1):
+        r, a, s = (float(v) for v in disc.ras)
+        points.append({
+            "id": str(index), "label": disc.name, "description": describe(disc),
+            "associatedNodeID": "", "position": [-r, -a, s],
+            "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+            "selected": not disc.flagged, "locked": locked, "visibility": True,
+            "positionStatus": "defined",
+        })
+    return {
+        "@schema": MARKUPS_SCHEMA,
+        "markups": [{
+            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+            "locked": locked, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
+            "lastUsedControlPointNumber": len(points), "controlPoints": points, "measurements": [],
+        }],
+    }
+
+
+def write_markups_json(discs, path, locked: bool = False) -> None:
+    write_atomic_bytes(path, (json.dumps(markups_dict(discs, locked), indent=2) + "\n").encode())
+
+
+def read_markups_json(path):
+    """Control points of a .mrk.json as (label, RAS position, description) tuples."""
+    try:
+        data = json.loads(Path(path).read_text())
+        markup = data["markups"][0]
+        lps = markup.get("coordinateSystem", "LPS") == "LPS"
+        out = []
+        for point in markup.get("controlPoints", []):
+            x, y, z = (float(v) for v in point["position"])
+            ras = np.array([-x, -y, z]) if lps else np.array([x, y, z])
+            out.append((point.get("label", ""), ras, point.get("description", "")))
+        return out
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise InputError(f"Cannot read markups file {path}: {error}") from error
+
+
+def write_csv(discs, path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for disc in discs:
+        r, a, s = (float(v) for v in disc.ras)
+        writer.writerow([disc.name, disc.value, f"{r:.2f}", f"{a:.2f}", f"{s:.2f}",
+                         f"{disc.confidence:.3f}", int(disc.flagged), disc.reason])
+    write_atomic_bytes(path, buffer.getvalue().encode())
+
+
+def disc_label_image(discs, reference: Volume) -> sitk.Image:
+    """SCT disc-label image in the reference grid: value 3..8 at the voxel nearest each disc."""
+    labels = np.zeros(reference.array.shape, np.uint8)
+    for disc in discs:
+        ijk = np.rint(reference.ras_to_index(disc.ras)[0]).astype(int)
+        if np.all(ijk >= 0) and np.all(ijk < labels.shape):
+            labels[tuple(ijk)] = disc.value
+    image = sitk.GetImageFromArray(np.transpose(labels, (2, 1, 0)))
+    reference.copy_geometry_to(image)
+    return image
+
+
+def write_disc_label_nifti(discs, reference: Volume, path) -> None:
+    write_image_atomic(disc_label_image(discs, reference), path)
+
+
+def qc_image(result, scale: int = 2):
+    """The midsagittal slice with the labeled discs drawn on it (PIL image)."""
+    from PIL import Image, ImageDraw
+
+    plane = result.slice
+    gray = np.clip(normalize_intensity(plane.image, plane.inside) * 200, 0, 255).astype(np.uint8)
+    image = Image.fromarray(gray).convert("RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for disc in result.discs:
+        r, c = plane.ras_to_pixel(disc.ras)[0] * scale
+        colour = (255, 70, 70) if disc.flagged else (80, 255, 120)
+        draw.ellipse([c - 4, r - 4, c + 4, r + 4], outline=colour, width=2)
+        draw.text((c + 8, r - 6), f"{disc.name} {disc.confidence:.2f}", fill=colour)
+    title = f"{result.model_name}  midline R={result.midline.offset:.1f} mm"
+    if not result.spine_found:
+        title += "  NO SPINE FOUND"
+    draw.text((4, 4), title, fill=(255, 255, 0))
+    return image
+
+
+def write_qc_png(result, path) -> None:
+    buffer = io.BytesIO()
+    qc_image(result).save(buffer, format="PNG")
+    write_atomic_bytes(path, buffer.getvalue())

@@ -1,0 +1,215 @@
+"""Labeling discs in a volume: midsagittal slice -> networks -> RAS points with confidence.
+
+Confidence (in [0, 1]) has a fixed meaning: the network's peak heatmap response for the disc
+(how disc-like the best location looks, trained to be 1 on a disc and 0 elsewhere), multiplied
+by a test-time-augmentation agreement term ``exp(-spread^2 / (2 * 2 mm^2))``, where ``spread``
+is the RMS distance between the positions found on three parallel slices (midline and +-2 mm).
+A disc is *flagged for review* when its confidence is below ``REVIEW_BELOW`` or when the
+anatomical check fails (discs out of cranio-caudal order, or spacing outside 7..35 mm).
+Flagged discs are still returned and placed, never hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import DISC_NAMES, DISC_VALUES
+from . import models as model_lib
+from .errors import InputError
+from .midsagittal import Midline, SagittalSlice, estimate_midline, extract_midsagittal, normalize_intensity
+from .volume import Volume
+
+REVIEW_BELOW = 0.35
+TTA_OFFSETS_MM = (-2.0, 0.0, 2.0)
+MIN_SPACING_MM, MAX_SPACING_MM = 7.0, 35.0
+#: Below this mean confidence over all discs we report that no spine was found.
+NO_SPINE_BELOW = 0.2
+
+
+@dataclass
+class DiscPoint:
+    """One labeled disc: SCT value, fixed name, RAS position (posterior tip), confidence."""
+
+    value: int
+    name: str
+    ras: np.ndarray
+    confidence: float
+    flagged: bool = False
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "name": self.name, "ras": [float(v) for v in self.ras],
+                "confidence": round(float(self.confidence), 4), "flagged": bool(self.flagged),
+                "reason": self.reason}
+
+
+@dataclass
+class LabelingResult:
+    discs: list
+    midline: Midline
+    slice: SagittalSlice
+    seconds: float = 0.0
+    model_name: str = ""
+    warnings: list = field(default_factory=list)
+
+    @property
+    def spine_found(self) -> bool:
+        return bool(self.discs) and np.mean([d.confidence for d in self.discs]) >= NO_SPINE_BELOW
+
+
+def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    h, w = image.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    pad = [(0, 0)] * (image.ndim - 2) + [(0, ph), (0, pw)]
+    return np.pad(image, pad)
+
+
+def _refine_peak(heatmap: np.ndarray, stride: int):
+    """Argmax plus a weighted centroid in a 5x5 window -> (row, col) in input pixels, peak."""
+    flat = int(np.argmax(heatmap))
+    r, c = divmod(flat, heatmap.shape[1])
+    peak = float(heatmap[r, c])
+    r0, r1 = max(r - 2, 0), min(r + 3, heatmap.shape[0])
+    c0, c1 = max(c - 2, 0), min(c + 3, heatmap.shape[1])
+    window = np.clip(heatmap[r0:r1, c0:c1] - 0.3 * peak, 0, None)
+    rows, cols = np.mgrid[r0:r1, c0:c1]
+    total = window.sum()
+    if total > 0:
+        rc = np.array([(rows * window).sum() / total, (cols * window).sum() / total])
+    else:
+        rc = np.array([r, c], float)
+    return rc * stride + (stride - 1) / 2, peak
+
+
+class DiscLabeler:
+    """Holds a loaded model; ``label(volume)`` runs the whole pipeline on one volume."""
+
+    def __init__(self, model, meta: dict):
+        self.model = model
+        self.meta = meta
+        self.architecture = meta["architecture"]
+        self.name = meta.get("name", self.architecture)
+        self._predict = None
+
+    @classmethod
+    def load(cls, name_or_path="compact") -> "DiscLabeler":
+        return cls(*model_lib.load(name_or_path))
+
+    @property
+    def parameters(self) -> int:
+        return int(self.model.count_params())
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        if self._predict is None:
+            import tensorflow as tf
+
+            self._predict = tf.function(lambda x: self.model(x, training=False),
+                                        reduce_retracing=True)
+        return np.asarray(self._predict(batch))
+
+    def label(self, volume: Volume, slice_r_mm: float | None = None, progress=None) -> LabelingResult:
+        """Label the discs of ``volume``; ``slice_r_mm`` forces a sagittal plane at that R."""
+        report = progress or (lambda fraction, message: None)
+        start = time.perf_counter()
+        report(0.05, "Finding the midsagittal plane")
+        midline = Midline(offset=float(slice_r_mm)) if slice_r_mm is not None else estimate_midline(volume)
+        self._check_plane_hits_volume(volume, midline)
+        slices = [extract_midsagittal(volume, midline, normal_offset=o) for o in TTA_OFFSETS_MM]
+        centre = slices[TTA_OFFSETS_MM.index(0.0)]
+        report(0.35, "Running the disc networks")
+        images = np.stack([normalize_intensity(s.image, s.inside) for s in slices])
+        if self.architecture == "compact":
+            positions, peaks = self._run_compact(images)
+        else:
+            positions, peaks = self._run_romero(images)
+        report(0.85, "Checking anatomical consistency")
+        discs = self._to_discs(centre, positions, peaks)
+        check_consistency(discs, centre)
+        result = LabelingResult(discs, midline, centre, time.perf_counter() - start, self.name)
+        if not result.spine_found:
+            result.warnings.append("No spine found with confidence: every disc is flagged for review.")
+        report(1.0, "Done")
+        return result
+
+    @staticmethod
+    def _check_plane_hits_volume(volume: Volume, midline: Midline) -> None:
+        lo, hi = volume.corners_ras().min(axis=0), volume.corners_ras().max(axis=0)
+        r_top, r_bottom = midline.r_at(hi[2]), midline.r_at(lo[2])
+        margin = 0.5 * max(volume.spacing.max(), 1.0)
+        if max(r_top, r_bottom) < lo[0] - margin or min(r_top, r_bottom) > hi[0] + margin:
+            raise InputError(f"The sagittal slice at R = {midline.offset:.1f} mm lies outside the "
+                             f"volume (R from {lo[0]:.1f} to {hi[0]:.1f} mm).")
+
+    def _run_compact(self, images):
+        stride = int(self.meta.get("stride", model_lib.COMPACT_STRIDE))
+        multiple = int(self.meta.get("input_multiple", model_lib.COMPACT_MULTIPLE))
+        heatmaps = self._forward(_pad_to_multiple(images, multiple)[..., None])
+        n_tta, n_discs = heatmaps.shape[0], heatmaps.shape[-1]
+        positions = np.zeros((n_tta, n_discs, 2))
+        peaks = np.zeros((n_tta, n_discs))
+        for t in range(n_tta):
+            for k in range(n_discs):
+                positions[t, k], peaks[t, k] = _refine_peak(heatmaps[t, ..., k], stride)
+        return positions, peaks
+
+    def _run_romero(self, images):
+        size = int(self.meta.get("romero_input", model_lib.ROMERO_INPUT))
+        corner = romero_crop_corner(images[TTA_OFFSETS_MM.index(0.0)], size)
+        padded = np.pad(images, ((0, 0), (size, size), (size, size)))
+        r0, c0 = corner + size
+        crops = padded[:, r0:r0 + size, c0:c0 + size]
+        out = self._forward(crops[..., None])  # (n_tta, n_discs, 2), normalised
+        positions = out * size + corner
+        return positions, np.ones(out.shape[:2])
+
+    @staticmethod
+    def _to_discs(plane: SagittalSlice, positions, peaks) -> list:
+        mean = positions.mean(axis=0)
+        spread = np.sqrt(((positions - mean) ** 2).sum(axis=-1).mean(axis=0))
+        confidence = np.clip(peaks.mean(axis=0), 0, 1) * np.exp(-spread ** 2 / (2 * 2.0 ** 2))
+        ras = plane.pixel_to_ras(mean)
+        return [DiscPoint(v, n, ras[k], float(confidence[k]))
+                for k, (v, n) in enumerate(zip(DISC_VALUES, DISC_NAMES))]
+
+
+def romero_crop_corner(image: np.ndarray, size: int) -> np.ndarray:
+    """Top-left corner of the N x N crop fed to the romero2018 regressors.
+
+    Centred on the intensity-weighted centre of the slice (the neck in a cervical field of
+    view): the seed design regresses from a fixed crop and has no detection stage of its own.
+    """
+    weights = np.clip(image, 0, None)
+    rows, cols = np.indices(image.shape)
+    total = weights.sum() or 1.0
+    centre = np.array([(rows * weights).sum() / total, (cols * weights).sum() / total])
+    return np.round(centre - size / 2).astype(int)
+
+
+def check_consistency(discs: list, plane: SagittalSlice) -> None:
+    """Flag discs that break cranio-caudal order or plausible spacing, and low-confidence ones.
+
+    Distances are measured along the slice's cranio-caudal axis.  When two neighbours disagree,
+    the less confident one is flagged (the other is more likely right).
+    """
+    rows = plane.ras_to_pixel(np.array([d.ras for d in discs]))[:, 0]
+    for k in range(1, len(discs)):
+        gap = rows[k] - rows[k - 1]
+        if MIN_SPACING_MM <= gap <= MAX_SPACING_MM:
+            continue
+        upper, lower = discs[k - 1], discs[k]
+        worse = upper if upper.confidence < lower.confidence else lower
+        problem = "out of cranio-caudal order" if gap < MIN_SPACING_MM / 2 else \
+            f"implausible spacing ({gap:.0f} mm) to {upper.name if worse is lower else lower.name}"
+        _flag(worse, problem)
+    for disc in discs:
+        if disc.confidence < REVIEW_BELOW:
+            _flag(disc, f"low confidence ({disc.confidence:.2f})")
+
+
+def _flag(disc: DiscPoint, reason: str) -> None:
+    disc.flagged = True
+    if reason not in disc.reason:
+        disc.reason = f"{disc.reason}; {reason}" if disc.reason else reason

@@ -1,0 +1,224 @@
+"""Finding the midsagittal plane and resampling it to a 1 mm x 1 mm image.
+
+Method (why it follows the spinal canal, not the field of view): the neck is mirror-symmetric
+about the plane through the spinal canal.  For every axial level we sample the volume on a RAS
+grid and find the left-right position about which the axial image is most symmetric
+(normalised cross-correlation of the image with its mirror).  A weighted, outlier-trimmed line
+``R = a + b * S`` through those centres gives a plane that follows a shifted or laterally
+tilted spine.  Sampling is done in patient RAS space, so the axis order, slice direction and an
+oblique direction matrix of the input do not matter.
+
+The 2D image convention: row 0 is the most superior row and rows go caudally, column 0 is the
+most anterior column and columns go posteriorly, 1 mm per pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .volume import Volume
+
+#: Mirror centres are only searched where at least this much image lies on each side (mm).
+MIN_HALF_WIDTH_MM = 8.0
+#: Samples used for the symmetry search are capped so huge volumes stay fast.
+MAX_SEARCH_POINTS = 250_000
+#: A lateral tilt steeper than this (mm of R per mm of S) is not a spine: clamp it.
+MAX_TILT = 0.35
+
+
+@dataclass
+class Midline:
+    """The midsagittal plane R = offset + tilt * S (RAS mm)."""
+
+    offset: float
+    tilt: float = 0.0
+
+    def r_at(self, s: np.ndarray | float) -> np.ndarray | float:
+        return self.offset + self.tilt * np.asarray(s)
+
+
+@dataclass
+class SagittalSlice:
+    """A 2D image sampled on a plane, with the mapping from pixels back to RAS.
+
+    ``pixel_to_ras(r, c) = origin + r * row_axis + c * col_axis``; the axes have length 1 mm.
+    ``inside`` marks pixels that lie inside the source volume.
+    """
+
+    image: np.ndarray
+    inside: np.ndarray
+    origin: np.ndarray
+    row_axis: np.ndarray
+    col_axis: np.ndarray
+
+    @property
+    def normal(self) -> np.ndarray:
+        n = np.cross(self.col_axis, self.row_axis)
+        return n / np.linalg.norm(n)
+
+    def pixel_to_ras(self, rc: np.ndarray) -> np.ndarray:
+        rc = np.atleast_2d(np.asarray(rc, dtype=float))
+        return self.origin + rc[:, :1] * self.row_axis + rc[:, 1:2] * self.col_axis
+
+    def ras_to_pixel(self, ras: np.ndarray) -> np.ndarray:
+        """Project RAS points onto the plane; returns (row, col) pixel coordinates."""
+        basis = np.stack([self.row_axis, self.col_axis], axis=1)
+        d = np.atleast_2d(np.asarray(ras, dtype=float)) - self.origin
+        rc, *_ = np.linalg.lstsq(basis, d.T, rcond=None)
+        return rc.T
+
+
+def sample_plane(
+    volume: Volume,
+    origin: np.ndarray,
+    row_axis: np.ndarray,
+    col_axis: np.ndarray,
+    shape: tuple[int, int],
+    displacement: np.ndarray | None = None,
+    normal_offsets: tuple[float, ...] = (0.0,),
+) -> SagittalSlice:
+    """Sample ``volume`` on a regular planar grid (optionally warped and slab-averaged).
+
+    ``displacement`` (2, H, W) shifts each pixel's sampling position in pixel units (elastic
+    augmentation); ``normal_offsets`` averages several parallel planes (simulates thick slices).
+    """
+    rows, cols = np.meshgrid(np.arange(shape[0], dtype=float), np.arange(shape[1], dtype=float),
+                             indexing="ij")
+    if displacement is not None:
+        rows = rows + displacement[0]
+        cols = cols + displacement[1]
+    grid = (origin + rows[..., None] * row_axis + cols[..., None] * col_axis)
+    normal = np.cross(col_axis, row_axis)
+    normal = normal / np.linalg.norm(normal)
+    total = np.zeros(shape, dtype=np.float32)
+    inside_any = np.zeros(shape, dtype=bool)
+    for offset in normal_offsets:
+        values, inside = volume.sample(grid + offset * normal)
+        total += values.astype(np.float32)
+        inside_any |= inside
+    image = total / len(normal_offsets)
+    return SagittalSlice(image=image, inside=inside_any, origin=np.asarray(origin, float),
+                         row_axis=np.asarray(row_axis, float), col_axis=np.asarray(col_axis, float))
+
+
+def estimate_midline(volume: Volume) -> Midline:
+    """Estimate the midsagittal plane from left-right mirror symmetry of axial levels."""
+    lo, hi = volume.corners_ras().min(axis=0), volume.corners_ras().max(axis=0)
+    extent = hi - lo
+    if extent[0] < 2 * MIN_HALF_WIDTH_MM:
+        return Midline(offset=float((lo[0] + hi[0]) / 2))
+    step_r = 1.0
+    n_r = int(extent[0] / step_r) + 1
+    step_as = max(3.0, float(np.sqrt(extent[1] * extent[2] * n_r / MAX_SEARCH_POINTS)))
+    r_axis = lo[0] + np.arange(n_r) * step_r
+    a_axis = np.arange(lo[1], hi[1] + 1e-6, step_as)
+    s_axis = np.arange(lo[2], hi[2] + 1e-6, 2 * step_as)
+    grid = np.stack(np.meshgrid(r_axis, a_axis, s_axis, indexing="ij"), axis=-1)
+    values, inside = volume.sample(grid)
+    centres, weights = _mirror_centres(values, inside, r_axis)
+    return _fit_midline(s_axis, centres, weights, default=float((lo[0] + hi[0]) / 2))
+
+
+def _mirror_centres(values: np.ndarray, inside: np.ndarray, r_axis: np.ndarray):
+    """Per axial level (last axis), the R position of best mirror symmetry and its weight."""
+    n_r = values.shape[0]
+    # Only tissue counts: air and the zero fill around an oblique or cropped field of view
+    # would otherwise make the field of view's own edges look like the axis of symmetry.
+    tissue = inside & (values > _tissue_threshold(values, inside))
+    v = np.where(tissue, values, np.nan)
+    with np.errstate(all="ignore"):
+        v = v - np.nanmean(v, axis=(0, 1), keepdims=True)
+    v = np.nan_to_num(v)
+    valid = tissue.astype(float)
+    energy = (v * v).sum(axis=(0, 1)) + 1e-9
+    min_half = int(MIN_HALF_WIDTH_MM / (r_axis[1] - r_axis[0]))
+    best_score = np.full(values.shape[2], -np.inf)
+    best_m = np.zeros(values.shape[2])
+    scores = []
+    ms = np.arange(2 * min_half, 2 * (n_r - 1 - min_half) + 1)
+    for m in ms:  # mirror about index m / 2
+        lo_i = max(0, m - (n_r - 1))
+        hi_i = min(n_r - 1, m)
+        i = np.arange(lo_i, hi_i + 1)
+        x, y = v[i], v[m - i]
+        w = valid[i] * valid[m - i]
+        # Normalised by the level's whole energy, not the overlap's: a mirror axis must explain
+        # most of the tissue, so a sliver at the edge of the field of view cannot win.
+        score = (x * y * w).sum(axis=(0, 1)) / energy
+        scores.append(score)
+        better = score > best_score
+        best_score = np.where(better, score, best_score)
+        best_m = np.where(better, m, best_m)
+    scores = np.array(scores)
+    # Parabolic refinement around the best mirror index, per level.
+    idx = np.clip(np.searchsorted(ms, best_m), 1, len(ms) - 2) if len(ms) >= 3 else None
+    refined = best_m.astype(float)
+    if idx is not None:
+        cols = np.arange(scores.shape[1])
+        y0, y1, y2 = scores[idx - 1, cols], scores[idx, cols], scores[idx + 1, cols]
+        denom = y0 - 2 * y1 + y2
+        with np.errstate(all="ignore"):
+            shift = np.where(np.abs(denom) > 1e-9, 0.5 * (y0 - y2) / denom, 0.0)
+        refined = ms[idx] + np.clip(shift, -1, 1)
+    centres = r_axis[0] + (refined / 2.0) * (r_axis[1] - r_axis[0])
+    content = values.std(axis=(0, 1))
+    weights = np.clip(best_score, 0, None) ** 2 * (content > 0.05 * content.max())
+    return centres, weights
+
+
+def _tissue_threshold(values: np.ndarray, inside: np.ndarray) -> float:
+    """Intensity above which a voxel is tissue rather than air (10 % of the robust range)."""
+    if not inside.any():
+        return -np.inf
+    lo, hi = np.percentile(values[inside], [1.0, 99.0])
+    return lo + 0.1 * (hi - lo)
+
+
+def _fit_midline(s: np.ndarray, centres: np.ndarray, weights: np.ndarray, default: float) -> Midline:
+    """Weighted line fit R = a + b*S with two rounds of outlier trimming (residual > 4 mm)."""
+    keep = weights > 0
+    if keep.sum() < 3:
+        return Midline(offset=float(np.average(centres, weights=weights)) if keep.any() else default)
+    a, b = float(np.median(centres[keep])), 0.0
+    for _ in range(3):
+        w = weights * keep
+        design = np.stack([np.ones_like(s), s], axis=1) * np.sqrt(w)[:, None]
+        (a, b), *_ = np.linalg.lstsq(design, centres * np.sqrt(w), rcond=None)
+        b = float(np.clip(b, -MAX_TILT, MAX_TILT))
+        residual = np.abs(centres - (a + b * s))
+        keep = (weights > 0) & (residual < max(4.0, np.percentile(residual[weights > 0], 70)))
+    return Midline(offset=float(a), tilt=float(b))
+
+
+def extract_midsagittal(volume: Volume, midline: Midline | None = None,
+                        normal_offset: float = 0.0) -> SagittalSlice:
+    """Resample the midsagittal plane (estimated if not given) at 1 mm x 1 mm.
+
+    The image covers the volume's full superior-inferior and anterior-posterior extent.
+    """
+    midline = midline or estimate_midline(volume)
+    lo, hi = volume.corners_ras().min(axis=0), volume.corners_ras().max(axis=0)
+    row_axis = np.array([-midline.tilt, 0.0, -1.0])
+    row_axis /= np.linalg.norm(row_axis)
+    col_axis = np.array([0.0, -1.0, 0.0])
+    top_s = hi[2]
+    origin = np.array([midline.r_at(top_s), hi[1], top_s])
+    shape = (int(np.floor((hi[2] - lo[2]) / abs(row_axis[2]))) + 1, int(np.floor(hi[1] - lo[1])) + 1)
+    return sample_plane(volume, origin, row_axis, col_axis, shape,
+                        normal_offsets=(normal_offset,))
+
+
+def normalize_intensity(image: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
+    """Map the 1st..99th intensity percentile of the pixels inside the volume to 0..1.
+
+    Percentiles (not min/max) make the network input independent of scanner scaling and of a
+    few very bright voxels (fat, vessels).  Pixels outside the volume become 0.
+    """
+    mask = inside if inside is not None and inside.any() else np.ones(image.shape, bool)
+    lo, hi = np.percentile(image[mask], [1.0, 99.0])
+    scale = hi - lo if hi > lo else 1.0
+    out = np.clip((image - lo) / scale, 0.0, 1.5).astype(np.float32)
+    out[~mask] = 0.0
+    return out

@@ -1,0 +1,201 @@
+"""Reading and validating 3D volumes, and their voxel-to-RAS geometry.
+
+All geometry in the core is done in patient RAS millimetres (Slicer's world space).  A
+``Volume`` keeps the voxel array in ITK index order (i, j, k) together with the 4x4 matrix that
+maps a voxel index to RAS, so any axis order or oblique direction matrix is handled by one
+matrix product instead of by special cases.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import InputError
+
+#: ITK stores physical points in LPS; RAS = LPS_TO_RAS @ LPS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+#: Largest fraction of non-finite voxels that is silently replaced before we refuse the image.
+MAX_NONFINITE_FRACTION = 0.01
+
+
+@dataclass
+class Volume:
+    """A scalar 3D image and its geometry.
+
+    ``array[i, j, k]`` is the voxel at ITK index (i, j, k); ``ijk_to_ras`` maps homogeneous
+    indices to RAS millimetres.  ``name`` is used to name outputs (markups node, files).
+    """
+
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    name: str = "volume"
+
+    @property
+    def ras_to_ijk(self) -> np.ndarray:
+        return np.linalg.inv(self.ijk_to_ras)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+
+    def index_to_ras(self, ijk: np.ndarray) -> np.ndarray:
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
+        return ijk @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
+
+    def ras_to_index(self, ras: np.ndarray) -> np.ndarray:
+        ras = np.atleast_2d(np.asarray(ras, dtype=float))
+        m = self.ras_to_ijk
+        return ras @ m[:3, :3].T + m[:3, 3]
+
+    def corners_ras(self) -> np.ndarray:
+        """The 8 corner voxel centres in RAS (the extent that holds data)."""
+        n = np.array(self.array.shape) - 1
+        corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
+        return self.index_to_ras(corners)
+
+    def sample(self, ras: np.ndarray, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Interpolate the image at RAS points (..., 3).
+
+        Returns (values, inside): points outside the volume get the volume minimum and
+        ``inside=False`` so callers can ignore them (oblique or cropped fields of view).
+        """
+        ras = np.asarray(ras, dtype=float)
+        flat = ras.reshape(-1, 3)
+        ijk = self.ras_to_index(flat)
+        shape = np.array(self.array.shape)
+        inside = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=1)
+        values = ndimage.map_coordinates(self.array, ijk.T, order=order, mode="nearest")
+        values = np.where(inside, values, self.background)
+        return values.reshape(ras.shape[:-1]), inside.reshape(ras.shape[:-1])
+
+    @property
+    def background(self) -> float:
+        return float(self.array.min())
+
+    # -- SimpleITK conversion -------------------------------------------------------------
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, name: str = "volume") -> "Volume":
+        validate_image(image)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        array = np.ascontiguousarray(np.transpose(array, (2, 1, 0)))  # z,y,x -> i,j,k
+        array = _replace_nonfinite(array)
+        _check_not_empty(array)
+        direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+        ijk_to_lps = direction @ np.diag(image.GetSpacing())
+        matrix = np.eye(4)
+        matrix[:3, :3] = LPS_TO_RAS @ ijk_to_lps
+        matrix[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=float)
+        return cls(array=array, ijk_to_ras=matrix, name=name)
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(np.transpose(self.array, (2, 1, 0)))
+        self.copy_geometry_to(image)
+        return image
+
+    def copy_geometry_to(self, image: sitk.Image) -> None:
+        """Give ``image`` (same size as this volume) this volume's spacing, origin and direction."""
+        ijk_to_lps = LPS_TO_RAS @ self.ijk_to_ras[:3, :3]
+        spacing = np.linalg.norm(ijk_to_lps, axis=0)
+        image.SetSpacing([float(s) for s in spacing])
+        image.SetDirection([float(v) for v in (ijk_to_lps / spacing).ravel()])
+        image.SetOrigin([float(v) for v in LPS_TO_RAS @ self.ijk_to_ras[:3, 3]])
+
+
+def validate_image(image: sitk.Image) -> None:
+    """Refuse images the pipeline cannot label, with a message that says why."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"The image has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            "(colour or vector image); a scalar MRI volume is needed."
+        )
+    dim = image.GetDimension()
+    if dim == 2:
+        raise InputError("The image is 2D; a 3D MRI volume (or a sagittal stack) is needed.")
+    if dim != 3:
+        raise InputError(
+            f"The image is {dim}D; a single 3D volume is needed (extract one time point first)."
+        )
+    if min(image.GetSize()) < 1 or sorted(image.GetSize())[1] < 16:
+        raise InputError(f"The image is too small to hold a spine: size {image.GetSize()}.")
+
+
+def _replace_nonfinite(array: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    fraction = 1.0 - finite.mean()
+    if fraction > MAX_NONFINITE_FRACTION:
+        raise InputError(
+            f"{fraction:.0%} of the voxels are NaN or infinite; the volume cannot be labeled."
+        )
+    array = array.copy()
+    array[~finite] = array[finite].min()
+    return array
+
+
+def _check_not_empty(array: np.ndarray) -> None:
+    if array.size == 0 or float(array.max()) == float(array.min()):
+        raise InputError("The volume is empty (every voxel has the same value).")
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a file SimpleITK understands, or the first DICOM series in a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"No such file or folder: {path}")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(f"No DICOM series found in folder {path}")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise InputError(f"Cannot read {path}: not an image file SimpleITK can open. {first_line}")
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read and validate a 3D scalar volume from a file or DICOM folder."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Volume.from_sitk(read_image(path), name=name or "volume")
+
+
+def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file so that readers never see it half-written (write to temp, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write an image with SimpleITK atomically (the temp name keeps the real extension)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
