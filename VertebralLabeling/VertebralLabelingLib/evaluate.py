@@ -100,7 +100,7 @@ def evaluate(bids, model="compact", model_for_subject=None, subjects=None, contr
     summary = _summary(all_rows)
     per_disc = {DISC_NAME_BY_VALUE[v]: _summary([r for r in all_rows if r["value"] == v])
                 for v in DISC_VALUES if any(r["value"] == v for r in all_rows)}
-    first = next(iter(labelers.values()))[0] if labelers else None
+    first = next(iter(labelers.values())) if labelers else None
     return dict(summary, n_subjects=len(per_subject),
                 seconds_per_case=float(np.median(seconds)) if seconds else None,
                 model_parameters=first.parameters if first else None,

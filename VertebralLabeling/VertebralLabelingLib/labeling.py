@@ -106,8 +106,9 @@ class DiscLabeler:
         if self._predict is None:
             import tensorflow as tf
 
-            self._predict = tf.function(lambda x: self.model(x, training=False),
-                                        reduce_retracing=True)
+            # One graph per padded input shape (shapes are bucketed, see _run_compact): a traced
+            # graph runs about twice as fast as eager calls on 2 CPU cores.
+            self._predict = tf.function(lambda x: self.model(x, training=False))
         return np.asarray(self._predict(batch))
 
     def label(self, volume: Volume, slice_r_mm: float | None = None, progress=None) -> LabelingResult:
@@ -121,12 +122,15 @@ class DiscLabeler:
         centre = slices[TTA_OFFSETS_MM.index(0.0)]
         report(0.35, "Running the disc networks")
         images = np.stack([normalize_intensity(s.image, s.inside) for s in slices])
+        mean_heatmap = None
         if self.architecture == "compact":
-            positions, peaks = self._run_compact(images)
+            positions, peaks, mean_heatmap = self._run_compact(images)
         else:
             positions, peaks = self._run_romero(images)
         report(0.85, "Checking anatomical consistency")
         discs = self._to_discs(centre, positions, peaks)
+        if mean_heatmap is not None:
+            repair_order(discs, centre, mean_heatmap, int(self.meta.get("stride", 2)))
         check_consistency(discs, centre)
         result = LabelingResult(discs, midline, centre, time.perf_counter() - start, self.name)
         if not result.spine_found:
@@ -145,7 +149,7 @@ class DiscLabeler:
 
     def _run_compact(self, images):
         stride = int(self.meta.get("stride", model_lib.COMPACT_STRIDE))
-        multiple = int(self.meta.get("input_multiple", model_lib.COMPACT_MULTIPLE))
+        multiple = 2 * int(self.meta.get("input_multiple", model_lib.COMPACT_MULTIPLE))
         heatmaps = self._forward(_pad_to_multiple(images, multiple)[..., None])
         n_tta, n_discs = heatmaps.shape[0], heatmaps.shape[-1]
         positions = np.zeros((n_tta, n_discs, 2))
@@ -153,7 +157,7 @@ class DiscLabeler:
         for t in range(n_tta):
             for k in range(n_discs):
                 positions[t, k], peaks[t, k] = _refine_peak(heatmaps[t, ..., k], stride)
-        return positions, peaks
+        return positions, peaks, heatmaps.mean(axis=0)
 
     def _run_romero(self, images):
         size = int(self.meta.get("romero_input", model_lib.ROMERO_INPUT))
@@ -186,6 +190,32 @@ def romero_crop_corner(image: np.ndarray, size: int) -> np.ndarray:
     total = weights.sum() or 1.0
     centre = np.array([(rows * weights).sum() / total, (cols * weights).sum() / total])
     return np.round(centre - size / 2).astype(int)
+
+
+def repair_order(discs: list, plane: SagittalSlice, heatmap: np.ndarray, stride: int) -> None:
+    """Move a disc that landed on (or above) its upper neighbour to its own next-best peak.
+
+    The typical failure of per-disc heatmaps is two channels firing on the same disc.  Going
+    down the spine, a disc closer than MIN_SPACING_MM below the previous one is searched again
+    in its own heatmap, only in rows at least MIN_SPACING_MM below that neighbour.  A repaired
+    disc stays flagged for review with the reason, and its confidence is the new peak's value.
+    """
+    for k in range(1, len(discs)):
+        upper_row = plane.ras_to_pixel(discs[k - 1].ras)[0, 0]
+        row = plane.ras_to_pixel(discs[k].ras)[0, 0]
+        if row - upper_row >= MIN_SPACING_MM:
+            continue
+        channel = heatmap[..., k].copy()
+        cell_rows = np.arange(channel.shape[0]) * stride + (stride - 1) / 2
+        allowed = (cell_rows >= upper_row + MIN_SPACING_MM) & (cell_rows <= upper_row + MAX_SPACING_MM)
+        channel[~allowed] = 0.0
+        if channel.max() <= 0.05:
+            continue
+        rc, peak = _refine_peak(channel, stride)
+        old_name = discs[k - 1].name
+        discs[k].ras = plane.pixel_to_ras(rc)[0]
+        discs[k].confidence = float(min(discs[k].confidence, peak))
+        _flag(discs[k], f"repaired: was on {old_name}")
 
 
 def check_consistency(discs: list, plane: SagittalSlice) -> None:

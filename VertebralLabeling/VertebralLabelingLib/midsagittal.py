@@ -128,8 +128,8 @@ def _mirror_centres(values: np.ndarray, inside: np.ndarray, r_axis: np.ndarray):
     # would otherwise make the field of view's own edges look like the axis of symmetry.
     tissue = inside & (values > _tissue_threshold(values, inside))
     v = np.where(tissue, values, np.nan)
-    with np.errstate(all="ignore"):
-        v = v - np.nanmean(v, axis=(0, 1), keepdims=True)
+    count = tissue.sum(axis=(0, 1), keepdims=True)
+    v = v - np.nansum(v, axis=(0, 1), keepdims=True) / np.maximum(count, 1)
     v = np.nan_to_num(v)
     valid = tissue.astype(float)
     energy = (v * v).sum(axis=(0, 1)) + 1e-9
