@@ -156,12 +156,22 @@ def load(name_or_path: str | os.PathLike = "compact"):
     return model, meta
 
 
+def _weights_only(model):
+    """An uncompiled copy: shipped files carry no optimizer state (a third of the size)."""
+    if getattr(model, "optimizer", None) is None:
+        return model
+    keras = _keras()
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save(model, meta: dict, out_dir: str | os.PathLike, name: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.keras"
     tmp = out_dir / f".{name}.tmp.keras"
-    model.save(tmp)
+    _weights_only(model).save(tmp)
     os.replace(tmp, path)
     (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path

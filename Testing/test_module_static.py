@@ -1,0 +1,212 @@
+"""Static checks of the Slicer module, which cannot be imported outside Slicer.
+
+The module file imports ``qt``, ``ctk`` and ``slicer.ScriptedLoadableModule``, which exist only
+inside Slicer, so these tests read the source instead: every ``self.ui.<name>`` exists in the
+.ui file, the module has the five classes Slicer's template has, the core never imports Slicer,
+and CMake installs every Python file (a file missing there works from the source tree but
+breaks the installed extension).
+"""
+
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "VertebralLabeling"
+MODULE_PY = MODULE_DIR / "VertebralLabeling.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "VertebralLabeling.ui"
+LIB_DIRS = ("VertebralLabelingLib", "VertebralLabelingSlicerLib")
+SLICER_ONLY = re.compile(r"^(slicer|qt|ctk|mrml|vtkMRML)|^vtk.*MRML", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def module_tree():
+    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+
+
+@pytest.fixture(scope="module")
+def ui_root():
+    return ElementTree.parse(UI_FILE).getroot()
+
+
+def ui_widgets(ui_root):
+    return {w.get("name"): w for w in ui_root.iter("widget")}
+
+
+def imported_modules(tree, top_level_only=False):
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            yield ("." * node.level) + (node.module or "")
+
+
+def test_every_ui_attribute_is_a_widget_in_the_ui_file(module_tree, ui_root):
+    used = set()
+    for node in ast.walk(module_tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Attribute) and owner.attr == "ui" and \
+                isinstance(owner.value, ast.Name) and owner.value.id == "self":
+            used.add(node.attr)
+        elif isinstance(owner, ast.Name) and owner.id == "ui":
+            used.add(node.attr)
+    assert used, "the widget should use self.ui.<name>"
+    missing = used - set(ui_widgets(ui_root))
+    assert not missing, f"used in VertebralLabeling.py but not in the .ui file: {sorted(missing)}"
+
+
+def test_ui_has_the_required_widgets(ui_root):
+    widgets = ui_widgets(ui_root)
+    expected = {"inputSelector": "qMRMLNodeComboBox", "outputSelector": "qMRMLNodeComboBox",
+                "sliceModeComboBox": "QComboBox", "applyButton": "QPushButton",
+                "progressBar": "QProgressBar", "resultsTable": "QTableWidget",
+                "statusLabel": "QLabel", "exportJsonButton": "QPushButton",
+                "exportCsvButton": "QPushButton", "exportNiftiButton": "QPushButton"}
+    for name, cls in expected.items():
+        assert name in widgets and widgets[name].get("class") == cls, name
+
+    def prop(widget, name):
+        for p in widget.findall("property"):
+            if p.get("name") == name:
+                return p
+        return None
+
+    assert [s.text for s in prop(widgets["inputSelector"], "nodeTypes").iter("string")] == \
+        ["vtkMRMLScalarVolumeNode"]
+    output = widgets["outputSelector"]
+    assert [s.text for s in prop(output, "nodeTypes").iter("string")] == ["vtkMRMLMarkupsFiducialNode"]
+    for flag in ("addEnabled", "renameEnabled", "noneEnabled"):
+        assert prop(output, flag).find("bool").text == "true", flag
+    items = [i.find("property/string").text for i in widgets["sliceModeComboBox"].findall("item")]
+    assert items == ["Automatic", "Current yellow slice"]
+
+
+def test_every_mrml_widget_gets_the_scene(ui_root):
+    top = ui_root.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+    receivers = {c.findtext("receiver") for c in ui_root.iter("connection")
+                 if c.findtext("sender") == top.get("name")
+                 and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {n for n, w in ui_widgets(ui_root).items() if w.get("class").startswith("qMRML")
+                    and w is not top}
+    assert mrml_widgets and mrml_widgets <= receivers
+
+
+def test_parameter_names_in_ui_match_the_parameter_node(module_tree, ui_root):
+    (cls,) = [n for n in module_tree.body if isinstance(n, ast.ClassDef)
+              and n.name == "VertebralLabelingParameterNode"]
+    fields = {s.target.id: ast.unparse(s.annotation) for s in cls.body if isinstance(s, ast.AnnAssign)}
+    assert fields == {"inputVolume": "vtkMRMLScalarVolumeNode",
+                      "outputMarkups": "vtkMRMLMarkupsFiducialNode",
+                      "useCurrentSlice": "bool", "modelName": "str"}
+    names = {p.findtext("string") for p in ui_root.iter("property")
+             if p.get("name") == "SlicerParameterName"}
+    assert names == {"inputVolume", "outputMarkups"} and names <= set(fields)
+
+
+def test_module_defines_the_template_classes(module_tree):
+    classes = {n.name: n for n in module_tree.body if isinstance(n, ast.ClassDef)}
+    bases = {name: [ast.unparse(b) for b in node.bases] for name, node in classes.items()}
+    assert bases["VertebralLabeling"] == ["ScriptedLoadableModule"]
+    assert "ScriptedLoadableModuleWidget" in bases["VertebralLabelingWidget"]
+    assert bases["VertebralLabelingLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["VertebralLabelingTest"] == ["ScriptedLoadableModuleTest"]
+    decorators = [ast.unparse(d) for d in classes["VertebralLabelingParameterNode"].decorator_list]
+    assert decorators == ["parameterNodeWrapper"]
+    methods = {n.name: n for n in classes["VertebralLabelingLogic"].body if isinstance(n, ast.FunctionDef)}
+    args = [a.arg for a in methods["process"].args.args]
+    assert args == ["self", "volumeNode", "markupsNode", "sliceR", "progress", "overwriteEdits"]
+    init_args = [a.arg for a in methods["__init__"].args.args]
+    assert "labelerFactory" in init_args
+    module_init = ast.unparse(classes["VertebralLabeling"])
+    assert "categories = ['Spine']" in module_init and "Romero et al." in module_init
+
+
+def test_module_imports_only_slicer_things_at_top(module_tree):
+    allowed = {"logging", "os", "sys", "ctk", "qt", "vtk", "slicer"}
+    top = set(imported_modules(module_tree, top_level_only=True))
+    assert all(name.split(".")[0] in allowed for name in top), top
+    # The core (numpy, SimpleITK, TensorFlow) is imported lazily so the module loads without it.
+    assert not any(name.startswith("VertebralLabeling") for name in top)
+
+
+def test_tensorflow_is_installed_lazily_from_the_requirements_file(module_tree):
+    source = MODULE_PY.read_text()
+    assert "slicer.util.pip_install" in source and "requirements.txt" in source
+    assert "confirmOkCancelDisplay" in source and "confirmYesNoDisplay" in source
+    (requirements,) = [line.strip() for line in
+                       (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
+                       if line.strip() and not line.startswith("#")]
+    assert requirements == "tensorflow-cpu==2.21.0"
+    assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "tensorflow" in ast.unparse(n)
+                   for n in module_tree.body)
+
+
+@pytest.mark.parametrize("path", sorted((MODULE_DIR / "VertebralLabelingLib").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_core_never_imports_slicer(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = [name for name in imported_modules(tree) if SLICER_ONLY.search(name.lstrip("."))]
+    assert not bad, f"{path.name} imports Slicer-only modules: {bad}"
+
+
+def test_adapter_uses_mrml_but_no_gui():
+    path = MODULE_DIR / "VertebralLabelingSlicerLib" / "mrml_adapter.py"
+    tree = ast.parse(path.read_text())
+    names = set(imported_modules(tree))
+    assert not any(n.split(".")[0] in ("qt", "ctk") or n.startswith("slicer.") for n in names), names
+    gui = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+           and isinstance(n.value, ast.Name) and n.value.id == "slicer"
+           and n.attr in ("util", "app", "modules", "mrmlScene")]
+    assert not gui, f"the adapter must work headless (take the scene as an argument): {gui}"
+
+
+def cmake_listed(path):
+    text = path.read_text()
+    return set(re.findall(r"[\w/${}.]+\.(?:py|png|ui|txt)\b", text)), text
+
+
+def test_cmake_installs_every_python_file_and_resource():
+    listed, text = cmake_listed(MODULE_DIR / "CMakeLists.txt")
+    listed = {name.replace("${MODULE_NAME}", "VertebralLabeling") for name in listed}
+    expected = {"VertebralLabeling.py"} | {
+        f"{folder}/{p.name}" for folder in LIB_DIRS for p in (MODULE_DIR / folder).glob("*.py")}
+    assert expected - listed == set(), f"not in CMakeLists.txt: {sorted(expected - listed)}"
+    for name in listed:
+        assert (MODULE_DIR / name).exists(), f"CMakeLists.txt lists a missing file: {name}"
+    for resource in ("Resources/Icons/VertebralLabeling.png", "Resources/UI/VertebralLabeling.ui",
+                     "Resources/requirements.txt"):
+        assert resource in listed
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    for pattern in ("Resources/Models/*.keras", "Resources/Models/*.json", "Resources/Models/*.md"):
+        assert pattern in text
+
+
+def test_top_level_cmake_is_an_extension():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for needle in ("cmake_minimum_required", "project(VertebralLabeling)", 'EXTENSION_CATEGORY "Spine"',
+                   "EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                   "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "NA"',
+                   "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                   "add_subdirectory(VertebralLabeling)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                   "include(${Slicer_EXTENSION_CPACK})"):
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize("path", ["VertebralLabeling/Resources/Icons/VertebralLabeling.png",
+                                  "Resources/VertebralLabeling.png"])
+def test_icons_are_small_128px_pngs(path):
+    data = (REPO / path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (128, 128)
+    assert len(data) < 50_000

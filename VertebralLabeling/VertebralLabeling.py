@@ -1,0 +1,508 @@
+"""VertebralLabeling: label the cervical intervertebral discs (C2-C3 ... C7-T1) of an MRI.
+
+The Slicer module is a thin GUI.  The labeling itself is ``VertebralLabelingLib`` (no Slicer
+code, shared with the command line) and every MRML conversion is in
+``VertebralLabelingSlicerLib.mrml_adapter``.  Both are imported lazily, inside methods, so that
+Slicer can list the module (and show its help) even before TensorFlow is installed.
+"""
+
+import logging
+import os
+import sys
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# Slicer puts scripted module folders on sys.path; make sure ours is there too when the file is
+# loaded some other way (module reload, tests), so the bundled packages import.
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
+SLICE_MODE_AUTOMATIC, SLICE_MODE_YELLOW = 0, 1
+RESULT_COLUMNS = ("Disc", "Confidence", "Review")
+
+
+#
+# VertebralLabeling
+#
+class VertebralLabeling(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Vertebral Labeling"
+        self.parent.categories = ["Spine"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["VertebralLabeling contributors"]
+        self.parent.helpText = """
+Places one labeled point on each cervical intervertebral disc (C2-C3 to C7-T1, posterior tip of
+the disc on the midsagittal plane) of a T2-weighted MRI volume.<br>
+Pick the volume and press <b>Apply</b>.  Each point's description gives its confidence; points
+flagged for review are drawn in the review colour (orange) and listed in the table.  Drag points
+to correct them: the exports (.mrk.json, CSV, disc-label NIfTI) contain your corrections.
+Labeling again asks before replacing points you have edited.<br>
+The midsagittal plane is found automatically, or taken from the current Yellow (sagittal) slice.
+"""
+        self.parent.acknowledgementText = """
+The optional <i>romero2018</i> model reproduces the per-disc convolutional regressor design of
+Romero F.P., David J.-P., Cohen-Adad J., "Vertebral labeling on MRI using deep learning
+techniques", NeuroInformatics 2018, Montreal (doi:10.13140/RG.2.2.33723.92962); the default <i>compact</i> model is a heatmap network that shares one
+backbone between the six discs.  Disc values follow the Spinal Cord Toolbox / spine-generic
+convention (3 = C2-C3 ... 8 = C7-T1).
+"""
+
+
+#
+# VertebralLabelingParameterNode
+#
+@parameterNodeWrapper
+class VertebralLabelingParameterNode:
+    """The panel's state, saved with the scene.
+
+    inputVolume - the MRI volume to label.
+    outputMarkups - point list that receives the discs (None: a new one is created).
+    useCurrentSlice - use the Yellow slice as midsagittal plane instead of searching for it.
+    modelName - bundled model name (Resources/Models/NAME.keras) or a path to a .keras file.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputMarkups: vtkMRMLMarkupsFiducialNode
+    useCurrentSlice: bool = False
+    modelName: str = "compact"
+
+
+#
+# VertebralLabelingWidget
+#
+class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: pick a volume, Apply, review the table, export."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._tableDiscNames = []  # disc name of each results-table row
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VertebralLabeling.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = VertebralLabelingLogic()
+
+        self.ui.resultsTable.setColumnCount(len(RESULT_COLUMNS))
+        self.ui.resultsTable.setHorizontalHeaderLabels(list(RESULT_COLUMNS))
+        self.ui.resultsTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.ui.progressBar.setVisible(False)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.sliceModeComboBox.connect("currentIndexChanged(int)", self.onSliceModeChanged)
+        self.ui.outputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.resultsTable.connect("cellClicked(int,int)", self.onResultClicked)
+        self.ui.exportJsonButton.connect("clicked(bool)", self.onExportJson)
+        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.exportNiftiButton.connect("clicked(bool)", self.onExportNifti)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Connect the selectors (SlicerParameterName in the .ui) to the parameter node."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self._updateState()
+
+    def _updateState(self, caller=None, event=None) -> None:
+        """Slice-mode combo and button states follow the parameter node."""
+        if not self._parameterNode:
+            return
+        mode = SLICE_MODE_YELLOW if self._parameterNode.useCurrentSlice else SLICE_MODE_AUTOMATIC
+        if self.ui.sliceModeComboBox.currentIndex != mode:
+            self.ui.sliceModeComboBox.currentIndex = mode
+        hasInput = bool(self._parameterNode.inputVolume)
+        self.ui.applyButton.enabled = hasInput
+        self.ui.applyButton.toolTip = "Label the discs" if hasInput else "Select an input volume"
+        hasPoints = bool(self._parameterNode.outputMarkups
+                         and self._parameterNode.outputMarkups.GetNumberOfControlPoints())
+        for button in (self.ui.exportJsonButton, self.ui.exportCsvButton, self.ui.exportNiftiButton):
+            button.enabled = hasPoints
+        self.ui.exportNiftiButton.enabled = hasPoints and hasInput
+
+    def onSliceModeChanged(self, index) -> None:
+        if self._parameterNode:
+            self._parameterNode.useCurrentSlice = index == SLICE_MODE_YELLOW
+
+    def onOutputChanged(self, node) -> None:
+        # The selector's node, not the parameter node's: this slot may run before the
+        # parameter node wrapper has stored the new selection.
+        self.updateResultsTable(node)
+
+    # -- labeling ------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        """Label the discs; asks before replacing edited points, shows errors without traceback."""
+        from VertebralLabelingLib.errors import VertebralLabelingError
+        from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost
+
+        try:
+            if not self.logic.ensureTensorFlow(self.askInstallTensorFlow):
+                self.ui.statusLabel.text = "TensorFlow is not installed: nothing was labeled."
+                return
+        except Exception as error:  # pip failed (offline, no wheel for this Python, ...)
+            logging.exception("Installing TensorFlow failed")
+            slicer.util.errorDisplay(f"Installing TensorFlow failed: {error}\n"
+                                     "See the Python console for pip's output.",
+                                     windowTitle="Vertebral Labeling")
+            return
+        params = self._parameterNode
+        self.ui.applyButton.enabled = False
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        try:
+            sliceR = self.yellowSliceR() if params.useCurrentSlice else None
+            self.logic.modelName = params.modelName or "compact"
+            try:
+                node = self.logic.process(params.inputVolume, params.outputMarkups, sliceR,
+                                          progress=self.onProgress)
+            except UserEditsWouldBeLost as edited:
+                if slicer.util.confirmYesNoDisplay(
+                        f"{edited}\n\nReplace your edited points?\n"
+                        "(No: the new result goes into a new point list.)",
+                        windowTitle="Vertebral Labeling"):
+                    node = self.logic.process(params.inputVolume, params.outputMarkups, sliceR,
+                                              progress=self.onProgress, overwriteEdits=True)
+                else:
+                    node = self.logic.process(params.inputVolume, None, sliceR,
+                                              progress=self.onProgress)
+            params.outputMarkups = node
+            self.updateResultsTable(node)
+            self.showResult(params.inputVolume, node)
+            self.ui.statusLabel.text = self.logic.summary()
+        except VertebralLabelingError as error:
+            self.ui.statusLabel.text = "Failed: " + str(error)
+            slicer.util.errorDisplay(str(error), windowTitle="Vertebral Labeling")
+        except Exception as error:  # a bug: keep the details in the log / details box
+            logging.exception("Vertebral labeling failed")
+            slicer.util.errorDisplay(f"Labeling failed unexpectedly: {error}",
+                                     windowTitle="Vertebral Labeling")
+        finally:
+            self.ui.progressBar.setVisible(False)
+            self._updateState()
+
+    def askInstallTensorFlow(self, requirements) -> bool:
+        return slicer.util.confirmOkCancelDisplay(
+            "Vertebral Labeling needs TensorFlow, which is not installed yet.\n\n"
+            f"Install {', '.join(requirements)} now? (download of several hundred MB; "
+            "Slicer may need a restart afterwards)",
+            windowTitle="Vertebral Labeling")
+
+    def onProgress(self, fraction, message) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        slicer.app.processEvents()
+
+    def yellowSliceR(self) -> float:
+        """R (mm) of the Yellow slice; the core labels the sagittal plane at this R."""
+        from VertebralLabelingLib.errors import InputError
+
+        sliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeYellow")
+        if sliceNode is None:
+            raise InputError("There is no Yellow slice view in this layout.")
+        if sliceNode.GetOrientationString() != "Sagittal":
+            raise InputError("The Yellow view is not sagittal; set it to Sagittal or choose "
+                             "'Automatic'.")
+        return float(sliceNode.GetSliceToRAS().GetElement(0, 3))
+
+    def showResult(self, volumeNode, markupsNode) -> None:
+        """Show the volume and centre every slice view on the middle disc."""
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        count = markupsNode.GetNumberOfControlPoints()
+        if count:
+            slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(
+                markupsNode.GetID(), count // 2, True)
+
+    # -- results table -------------------------------------------------------------------------
+    def updateResultsTable(self, node=None) -> None:
+        """One row per disc of the output point list: name, confidence, review reason."""
+        from VertebralLabelingSlicerLib.mrml_adapter import discs_from_node
+
+        if node is None and self._parameterNode:
+            node = self._parameterNode.outputMarkups
+        discs = discs_from_node(node) if node else []
+        self._tableDiscNames = [disc.name for disc in discs]
+        table = self.ui.resultsTable
+        table.setRowCount(len(discs))
+        for row, disc in enumerate(discs):
+            cells = (disc.name, f"{disc.confidence:.2f}", disc.reason if disc.flagged else "")
+            for column, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                if disc.flagged:
+                    item.setForeground(qt.QBrush(qt.QColor(230, 120, 0)))
+                table.setItem(row, column, item)
+        table.resizeColumnsToContents()
+        self._updateState()
+
+    def onResultClicked(self, row, column) -> None:
+        """Jump the slice views to the clicked disc."""
+        node = self.ui.outputSelector.currentNode()
+        if not node or row >= len(self._tableDiscNames):
+            return
+        index = node.GetControlPointIndexByLabel(self._tableDiscNames[row])
+        if index >= 0:
+            slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
+
+    # -- exports -------------------------------------------------------------------------------
+    def onExportJson(self) -> None:
+        self._export("Markups JSON (*.mrk.json)", ".mrk.json", "json")
+
+    def onExportCsv(self) -> None:
+        self._export("CSV (*.csv)", ".csv", "csv")
+
+    def onExportNifti(self) -> None:
+        self._export("Disc labels NIfTI (*.nii.gz)", "_labels-disc.nii.gz", "nifti")
+
+    def _export(self, fileFilter, suffix, kind) -> None:
+        """Write the points as they are now (with the user's corrections) with the core writers."""
+        from VertebralLabelingLib.errors import VertebralLabelingError
+
+        params = self._parameterNode
+        node = params.outputMarkups
+        baseName = params.inputVolume.GetName() if params.inputVolume else node.GetName()
+        default = os.path.join(qt.QDir.homePath(), baseName + suffix)
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Export discs", default, fileFilter)
+        if not path:
+            return
+        try:
+            self.logic.export(node, path, kind, params.inputVolume)
+            self.ui.statusLabel.text = f"Saved {path}"
+        except (VertebralLabelingError, OSError) as error:
+            slicer.util.errorDisplay(f"Could not save {path}: {error}",
+                                     windowTitle="Vertebral Labeling")
+
+
+#
+# VertebralLabelingLogic
+#
+class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
+    """Labeling without the GUI: volume node in, point list out (usable from scripts).
+
+    ``labelerFactory(modelName)`` returns an object with ``label(volume, slice_r_mm, progress)``;
+    the default loads a bundled model with ``DiscLabeler.load``.  Tests inject a fake one.
+    """
+
+    def __init__(self, labelerFactory=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.labelerFactory = labelerFactory
+        self.modelName = "compact"
+        self._labelers = {}
+        self.lastResult = None
+
+    def getParameterNode(self):
+        return VertebralLabelingParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def requirements() -> list:
+        """Packages from Resources/requirements.txt (comments and blank lines dropped)."""
+        path = os.path.join(_MODULE_DIR, "Resources", "requirements.txt")
+        with open(path) as handle:
+            lines = (line.split("#", 1)[0].strip() for line in handle)
+            return [line for line in lines if line]
+
+    def ensureTensorFlow(self, confirm) -> bool:
+        """Install TensorFlow on first use (never at import), if ``confirm(requirements)`` agrees."""
+        import importlib.util
+
+        if self.labelerFactory is not None or importlib.util.find_spec("tensorflow") is not None:
+            return True
+        requirements = self.requirements()
+        if not confirm(requirements):
+            return False
+        # Pin Slicer's own numpy: a TensorFlow wheel that wants another one must fail here
+        # rather than silently replace the numpy that Slicer was built against.
+        import numpy
+
+        constraints = os.path.join(slicer.app.temporaryPath, "VertebralLabeling-constraints.txt")
+        with open(constraints, "w") as handle:
+            handle.write(f"numpy=={numpy.__version__}\n")
+        slicer.util.pip_install(requirements + ["-c", constraints])
+        importlib.invalidate_caches()
+        return importlib.util.find_spec("tensorflow") is not None
+
+    def labeler(self):
+        """The labeler for ``self.modelName``, loaded once (loading a model takes seconds)."""
+        if self.modelName not in self._labelers:
+            factory = self.labelerFactory
+            if factory is None:
+                from VertebralLabelingLib.labeling import DiscLabeler
+
+                factory = DiscLabeler.load
+            self._labelers[self.modelName] = factory(self.modelName)
+        return self._labelers[self.modelName]
+
+    def process(self, volumeNode, markupsNode=None, sliceR=None, progress=None,
+                overwriteEdits=False):
+        """Label ``volumeNode``; write the discs into ``markupsNode`` (or a new point list).
+
+        Raises UserEditsWouldBeLost *before* running the network when ``markupsNode`` holds
+        user corrections and ``overwriteEdits`` is False, so asking the user costs nothing.
+        """
+        from VertebralLabelingSlicerLib import mrml_adapter
+
+        if markupsNode is not None and not overwriteEdits and \
+                mrml_adapter.node_has_user_edits(markupsNode):
+            raise mrml_adapter.UserEditsWouldBeLost(
+                f'The points in "{markupsNode.GetName()}" were moved, added, removed or renamed '
+                "since they were labeled; labeling again would replace them.")
+        volume = mrml_adapter.volume_from_node(volumeNode)
+        result = self.labeler().label(volume, slice_r_mm=sliceR, progress=progress)
+        self.lastResult = result
+        for warning in result.warnings:
+            logging.warning(warning)
+        return mrml_adapter.update_markups_node(volumeNode.GetScene(), result.discs, volumeNode,
+                                                markupsNode, overwrite_edits=overwriteEdits)
+
+    def summary(self) -> str:
+        """One status line about the last run."""
+        result = self.lastResult
+        if result is None:
+            return ""
+        flagged = [disc.name for disc in result.discs if disc.flagged]
+        text = f"{len(result.discs)} discs labeled in {result.seconds:.1f} s"
+        text += f"; review: {', '.join(flagged)}" if flagged else "; none flagged"
+        return " ".join([text] + list(result.warnings))
+
+    @staticmethod
+    def export(markupsNode, path, kind, volumeNode=None) -> None:
+        """Write the node's current points with the core writers (json, csv or nifti)."""
+        from VertebralLabelingLib import export
+        from VertebralLabelingSlicerLib import mrml_adapter
+
+        discs = mrml_adapter.discs_from_node(markupsNode)
+        if kind == "json":
+            export.write_markups_json(discs, path)
+        elif kind == "csv":
+            export.write_csv(discs, path)
+        elif kind == "nifti":
+            export.write_disc_label_nifti(discs, mrml_adapter.volume_from_node(volumeNode), path)
+        else:
+            raise ValueError(f"unknown export kind {kind}")
+
+
+#
+# VertebralLabelingTest
+#
+class VertebralLabelingTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Reload and Test, or ctest): the whole flow on a synthetic spine."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_EditsAreProtected()
+        self.setUp()
+        self.test_VertebralLabeling1()
+
+    def _phantomNode(self):
+        from VertebralLabelingLib.phantom import make_phantom
+        from VertebralLabelingSlicerLib import mrml_adapter
+
+        volume, truth = make_phantom(seed=0)
+        return mrml_adapter.add_volume_node(slicer.mrmlScene, volume, "phantom"), truth
+
+    def test_VertebralLabeling1(self):
+        """The bundled model labels the phantom: 6 points, right labels, within 15 mm."""
+        from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
+
+        self.delayDisplay("Labeling a phantom with the bundled model")
+        volumeNode, truth = self._phantomNode()
+        logic = VertebralLabelingLogic()
+        node = logic.process(volumeNode)
+        self.assertEqual(node.GetNumberOfControlPoints(), 6)
+        for index, (value, name) in enumerate(zip(DISC_VALUES, DISC_NAMES)):
+            self.assertEqual(node.GetNthControlPointLabel(index), name)
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(index, position)
+            error = sum((p - t) ** 2 for p, t in zip(position, truth[value])) ** 0.5
+            self.assertLess(error, 15.0, f"{name} is {error:.1f} mm from the truth")
+            self.assertEqual(node.GetNthControlPointAssociatedNodeID(index), volumeNode.GetID())
+        self.delayDisplay("Test passed")
+
+    def test_EditsAreProtected(self):
+        """With a fake labeler (no model needed): edits are detected and never lost silently."""
+        import numpy as np
+        from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
+        from VertebralLabelingLib.labeling import DiscPoint
+        from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost
+
+        volumeNode, truth = self._phantomNode()
+
+        class FakeResult:
+            warnings, seconds = [], 0.0
+
+            def __init__(self):
+                self.discs = [DiscPoint(v, n, np.array(truth[v]), 0.9)
+                              for v, n in zip(DISC_VALUES, DISC_NAMES)]
+
+        class FakeLabeler:
+            def label(self, volume, slice_r_mm=None, progress=None):
+                return FakeResult()
+
+        logic = VertebralLabelingLogic(labelerFactory=lambda name: FakeLabeler())
+        node = logic.process(volumeNode)
+        node.SetNthControlPointPositionWorld(0, 0.0, 0.0, 0.0)
+        with self.assertRaises(UserEditsWouldBeLost):
+            logic.process(volumeNode, node)
+        self.assertEqual(logic.process(volumeNode, node, overwriteEdits=True).GetID(), node.GetID())
+        self.delayDisplay("Edit protection passed")

@@ -1,0 +1,1 @@
+"""VertebralLabelingSlicerLib: the thin layer between the Slicer scene (MRML) and the core."""
