@@ -128,7 +128,7 @@ def test_module_defines_the_template_classes(module_tree):
     init_args = [a.arg for a in methods["__init__"].args.args]
     assert "labelerFactory" in init_args
     module_init = ast.unparse(classes["VertebralLabeling"])
-    assert "categories = ['Spine']" in module_init and "Romero et al." in module_init
+    assert "categories = ['Spine']" in module_init and "Romero F.P." in module_init and "NeuroInformatics 2018" in module_init
 
 
 def test_module_imports_only_slicer_things_at_top(module_tree):

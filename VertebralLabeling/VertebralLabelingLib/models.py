@@ -161,9 +161,7 @@ def _weights_only(model):
     if getattr(model, "optimizer", None) is None:
         return model
     keras = _keras()
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+    return keras.Model(model.inputs, model.outputs, name=model.name)  # same layers, uncompiled
 
 
 def save(model, meta: dict, out_dir: str | os.PathLike, name: str) -> Path:
