@@ -193,29 +193,32 @@ def romero_crop_corner(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def repair_order(discs: list, plane: SagittalSlice, heatmap: np.ndarray, stride: int) -> None:
-    """Move a disc that landed on (or above) its upper neighbour to its own next-best peak.
+    """Re-search the less confident disc of a pair that collides or is out of order.
 
-    The typical failure of per-disc heatmaps is two channels firing on the same disc.  Going
-    down the spine, a disc closer than MIN_SPACING_MM below the previous one is searched again
-    in its own heatmap, only in rows at least MIN_SPACING_MM below that neighbour.  A repaired
-    disc stays flagged for review with the reason, and its confidence is the new peak's value.
+    The typical failure of per-disc heatmaps is two channels firing on the same disc (or a
+    channel with no real response landing anywhere).  Going down the spine, when a disc is
+    closer than MIN_SPACING_MM below its upper neighbour, the less confident of the two is
+    searched again in its own heatmap, only in the rows where it can anatomically be
+    (MIN..MAX_SPACING_MM above or below the other).  A repaired disc stays flagged for review
+    with the reason, and its confidence is at most the new peak's value.
     """
+    rows = plane.ras_to_pixel(np.array([d.ras for d in discs]))[:, 0]
+    cell_rows = np.arange(heatmap.shape[0]) * stride + (stride - 1) / 2
     for k in range(1, len(discs)):
-        upper_row = plane.ras_to_pixel(discs[k - 1].ras)[0, 0]
-        row = plane.ras_to_pixel(discs[k].ras)[0, 0]
-        if row - upper_row >= MIN_SPACING_MM:
+        if rows[k] - rows[k - 1] >= MIN_SPACING_MM:
             continue
-        channel = heatmap[..., k].copy()
-        cell_rows = np.arange(channel.shape[0]) * stride + (stride - 1) / 2
-        allowed = (cell_rows >= upper_row + MIN_SPACING_MM) & (cell_rows <= upper_row + MAX_SPACING_MM)
-        channel[~allowed] = 0.0
+        move, keep = (k - 1, k) if discs[k - 1].confidence < discs[k].confidence else (k, k - 1)
+        direction = 1.0 if move > keep else -1.0
+        offset = (cell_rows - rows[keep]) * direction
+        channel = heatmap[..., move].copy()
+        channel[(offset < MIN_SPACING_MM) | (offset > MAX_SPACING_MM)] = 0.0
         if channel.max() <= 0.05:
             continue
         rc, peak = _refine_peak(channel, stride)
-        old_name = discs[k - 1].name
-        discs[k].ras = plane.pixel_to_ras(rc)[0]
-        discs[k].confidence = float(min(discs[k].confidence, peak))
-        _flag(discs[k], f"repaired: was on {old_name}")
+        discs[move].ras = plane.pixel_to_ras(rc)[0]
+        discs[move].confidence = float(min(discs[move].confidence, peak))
+        rows[move] = rc[0]
+        _flag(discs[move], f"repaired: was on {discs[keep].name}")
 
 
 def check_consistency(discs: list, plane: SagittalSlice) -> None:
