@@ -122,15 +122,17 @@ class DiscLabeler:
         centre = slices[TTA_OFFSETS_MM.index(0.0)]
         report(0.35, "Running the disc networks")
         images = np.stack([normalize_intensity(s.image, s.inside) for s in slices])
-        mean_heatmap = None
         if self.architecture == "compact":
-            positions, peaks, mean_heatmap = self._run_compact(images)
+            positions, peaks = self._run_compact(images)
         else:
             positions, peaks = self._run_romero(images)
         report(0.85, "Checking anatomical consistency")
         discs = self._to_discs(centre, positions, peaks)
-        if mean_heatmap is not None:
-            repair_order(discs, centre, mean_heatmap, int(self.meta.get("stride", 2)))
+        for disc, reordered in zip(discs, getattr(self, "_reordered", [False] * len(discs))):
+            if reordered and disc.confidence > 0:
+                _flag(disc, "placed on a secondary peak to keep anatomical order")
+            if disc.confidence == 0:
+                _flag(disc, "not found in the field of view")
         check_consistency(discs, centre)
         result = LabelingResult(discs, midline, centre, time.perf_counter() - start, self.name)
         if not result.spine_found:
@@ -154,10 +156,11 @@ class DiscLabeler:
         n_tta, n_discs = heatmaps.shape[0], heatmaps.shape[-1]
         positions = np.zeros((n_tta, n_discs, 2))
         peaks = np.zeros((n_tta, n_discs))
+        self._reordered = np.zeros(n_discs, bool)
         for t in range(n_tta):
-            for k in range(n_discs):
-                positions[t, k], peaks[t, k] = _refine_peak(heatmaps[t, ..., k], stride)
-        return positions, peaks, heatmaps.mean(axis=0)
+            positions[t], peaks[t], reordered = decode_chain(heatmaps[t], stride)
+            self._reordered |= reordered
+        return positions, peaks
 
     def _run_romero(self, images):
         size = int(self.meta.get("romero_input", model_lib.ROMERO_INPUT))
@@ -192,33 +195,79 @@ def romero_crop_corner(image: np.ndarray, size: int) -> np.ndarray:
     return np.round(centre - size / 2).astype(int)
 
 
-def repair_order(discs: list, plane: SagittalSlice, heatmap: np.ndarray, stride: int) -> None:
-    """Re-search the less confident disc of a pair that collides or is out of order.
+def _candidates(heatmap: np.ndarray, stride: int, limit: int = 8):
+    """Local maxima of one disc's heatmap: [(row, col) in input pixels, peak value]."""
+    from scipy import ndimage
 
-    The typical failure of per-disc heatmaps is two channels firing on the same disc (or a
-    channel with no real response landing anywhere).  Going down the spine, when a disc is
-    closer than MIN_SPACING_MM below its upper neighbour, the less confident of the two is
-    searched again in its own heatmap, only in the rows where it can anatomically be
-    (MIN..MAX_SPACING_MM above or below the other).  A repaired disc stays flagged for review
-    with the reason, and its confidence is at most the new peak's value.
+    peaks = np.argwhere((heatmap == ndimage.maximum_filter(heatmap, size=5)) & (heatmap > 0.02))
+    order = np.argsort([-heatmap[tuple(p)] for p in peaks])[:limit]
+    out = []
+    for r, c in peaks[order]:
+        r0, r1, c0, c1 = max(r - 2, 0), r + 3, max(c - 2, 0), c + 3
+        window = np.zeros_like(heatmap)
+        window[r0:r1, c0:c1] = heatmap[r0:r1, c0:c1]
+        out.append(_refine_peak(window, stride))
+    if not out:
+        out.append(_refine_peak(heatmap, stride))
+    return out
+
+
+def _compatible(upper, lower) -> bool:
+    """Consecutive discs: lower one 7..35 mm further down, not more than 45 degrees off axis."""
+    d_row, d_col = lower[0] - upper[0], abs(lower[1] - upper[1])
+    return MIN_SPACING_MM <= np.hypot(d_row, d_col) <= MAX_SPACING_MM and d_row >= d_col
+
+
+#: A candidate peak must exceed this to count as a disc in view (else the disc is outside it).
+PRESENCE_THRESHOLD = 0.15
+
+
+def decode_chain(heatmaps: np.ndarray, stride: int):
+    """Pick one peak per disc so the summed heatmap response is maximal under anatomical order.
+
+    Per-disc heatmaps often also fire on a neighbouring disc; taking each channel's global
+    maximum then puts two labels on one disc.  Here every channel offers its local maxima and
+    a dynamic programme (Viterbi over the cranio-caudal chain) chooses the best combination in
+    which each disc lies 7..35 mm below the previous one.  Discs may also be *outside the field
+    of view*: the discs in view form one contiguous run (C3-C4..C4-C5 in a small crop), and a
+    candidate adds ``peak - PRESENCE_THRESHOLD`` so weak responses are not forced into view.
+    Returns positions (n, 2), peaks (n,; 0 for discs outside the view, which keep their
+    channel's top peak position) and which discs did not get their channel's top peak.
     """
-    rows = plane.ras_to_pixel(np.array([d.ras for d in discs]))[:, 0]
-    cell_rows = np.arange(heatmap.shape[0]) * stride + (stride - 1) / 2
-    for k in range(1, len(discs)):
-        if rows[k] - rows[k - 1] >= MIN_SPACING_MM:
-            continue
-        move, keep = (k - 1, k) if discs[k - 1].confidence < discs[k].confidence else (k, k - 1)
-        direction = 1.0 if move > keep else -1.0
-        offset = (cell_rows - rows[keep]) * direction
-        channel = heatmap[..., move].copy()
-        channel[(offset < MIN_SPACING_MM) | (offset > MAX_SPACING_MM)] = 0.0
-        if channel.max() <= 0.05:
-            continue
-        rc, peak = _refine_peak(channel, stride)
-        discs[move].ras = plane.pixel_to_ras(rc)[0]
-        discs[move].confidence = float(min(discs[move].confidence, peak))
-        rows[move] = rc[0]
-        _flag(discs[move], f"repaired: was on {discs[keep].name}")
+    n = heatmaps.shape[-1]
+    cands = [_candidates(heatmaps[..., k], stride) for k in range(n)]
+    above, below = -1, -2  # state ids for "outside the view", above or below the run
+    # states[k]: dict state -> (score, previous state)
+    states = [{above: (0.0, None), below: (0.0, None)}]
+    states[0].update({i: (peak - PRESENCE_THRESHOLD, None) for i, (_, peak) in enumerate(cands[0])})
+    for k in range(1, n):
+        prev, cur = states[-1], {}
+
+        def offer(state, score, source):
+            if state not in cur or score > cur[state][0]:
+                cur[state] = (score, source)
+
+        for s, (score, _) in prev.items():
+            if s == above:
+                offer(above, score, s)
+                offer(below, score, s)
+            elif s == below:
+                offer(below, score, s)
+            else:
+                offer(below, score, s)
+            for j, (pos, peak) in enumerate(cands[k]):
+                if s == above or (s >= 0 and _compatible(cands[k - 1][s][0], pos)):
+                    offer(j, score + peak - PRESENCE_THRESHOLD, s)
+        states.append(cur)
+    state = max(states[-1], key=lambda s: states[-1][s][0])
+    chosen = [state]
+    for k in range(n - 1, 0, -1):
+        state = states[k][state][1]
+        chosen.append(state)
+    chosen.reverse()
+    positions = np.array([cands[k][max(i, 0)][0] for k, i in enumerate(chosen)])
+    peaks = np.array([cands[k][i][1] if i >= 0 else 0.0 for k, i in enumerate(chosen)])
+    return positions, peaks, np.array(chosen) > 0
 
 
 def check_consistency(discs: list, plane: SagittalSlice) -> None:
