@@ -1,0 +1,51 @@
+"""The joint disc decoder on synthetic heatmaps with known answers."""
+
+import numpy as np
+
+from VertebralLabelingLib.labeling import decode_chain
+
+STRIDE = 2
+
+
+def blob(shape, row, col, peak, sigma=1.5):
+    r, c = np.mgrid[0:shape[0], 0:shape[1]]
+    cr, cc = (row - 0.5) / STRIDE, (col - 0.5) / STRIDE
+    return peak * np.exp(-((r - cr) ** 2 + (c - cc) ** 2) / (2 * sigma ** 2))
+
+
+def heatmaps(shape, responses):
+    """responses[k] = list of (row, col, peak) in input pixels for channel k."""
+    maps = np.zeros(shape + (len(responses),))
+    for k, items in enumerate(responses):
+        for row, col, peak in items:
+            maps[..., k] = np.maximum(maps[..., k], blob(shape, row, col, peak))
+    return maps
+
+
+TRUE_ROWS = [30, 48, 66, 84, 102, 120]
+
+
+def test_clean_heatmaps_give_top_peaks():
+    maps = heatmaps((80, 40), [[(r, 40, 0.8)] for r in TRUE_ROWS])
+    positions, peaks, reordered = decode_chain(maps, STRIDE)
+    np.testing.assert_allclose(positions[:, 0], TRUE_ROWS, atol=0.6)
+    assert not reordered.any() and (peaks > 0.7).all()
+
+
+def test_channel_firing_on_neighbour_is_resolved():
+    # C7-T1's strongest response sits on C6-C7; its true disc has a weaker peak.
+    responses = [[(r, 40, 0.8)] for r in TRUE_ROWS]
+    responses[5] = [(84, 40, 0.6), (120, 40, 0.35)]
+    positions, peaks, reordered = decode_chain(heatmaps((80, 40), responses), STRIDE)
+    np.testing.assert_allclose(positions[:, 0], TRUE_ROWS, atol=0.6)
+    assert reordered[5] and not reordered[:5].any()
+
+
+def test_small_field_of_view_leaves_missing_discs_out():
+    # Only C3-C4 and C4-C5 are in view; the other channels have weak, misplaced responses.
+    responses = [[(10, 20, 0.1)], [(20, 22, 0.6)], [(37, 24, 0.65)], [(37, 24, 0.5)],
+                 [(20, 22, 0.12)], [(36, 24, 0.11)]]
+    positions, peaks, _ = decode_chain(heatmaps((30, 30), responses), STRIDE)
+    np.testing.assert_allclose(positions[1:3, 0], [20, 37], atol=0.6)
+    assert peaks[1] > 0.5 and peaks[2] > 0.5
+    assert peaks[0] == 0 and (peaks[3:] == 0).all()
