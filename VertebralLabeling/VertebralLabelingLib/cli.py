@@ -68,7 +68,25 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_label, _add_evaluate, _add_train, _add_phantom):
         add(sub)
+    for name, handler in HANDLERS.items():
+        sub.choices[name].set_defaults(handler=handler)
+    for register in _extension_registrars():
+        register(sub)  # each sets its own ``handler`` default on its parsers
     return p
+
+
+def _extension_registrars():
+    """Subcommand groups kept in their own modules (X-ray, study workflow), imported lazily."""
+    registrars = []
+    for module_name in ("cli_xray", "cli_study"):
+        try:
+            module = __import__(f"{__package__}.{module_name}", fromlist=["register"])
+        except ModuleNotFoundError as error:
+            if error.name != f"{__package__}.{module_name}":
+                raise
+            continue
+        registrars.append(module.register)
+    return registrars
 
 
 def _refuse_existing(paths, overwrite):
@@ -147,12 +165,14 @@ def cmd_phantom(args):
     return 0
 
 
+HANDLERS = {"label": cmd_label, "evaluate": cmd_evaluate, "train": cmd_train,
+            "phantom": cmd_phantom}
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    handler = {"label": cmd_label, "evaluate": cmd_evaluate, "train": cmd_train,
-               "phantom": cmd_phantom}[args.command]
     try:
-        return handler(args)
+        return args.handler(args)
     except VertebralLabelingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
