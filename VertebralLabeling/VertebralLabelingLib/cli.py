@@ -54,7 +54,14 @@ def _add_train(sub):
     p.add_argument("--time-budget-min", type=float, default=60.0)
     p.add_argument("--phantoms", type=int, default=12, help="synthetic phantoms added to training")
     p.add_argument("--exclude", nargs="*", default=[], help="subject ids left out")
+    p.add_argument("--subjects", nargs="*", help="only these subject ids")
     p.add_argument("--contrast", default="T2w")
+    p.add_argument("--labels", nargs="+", metavar="DIR",
+                   help="disc-label folders in the derivatives/labels layout (e.g. the output of "
+                   "import-corrections); the last one holding an image's label wins "
+                   "(default: BIDS/derivatives/labels)")
+    p.add_argument("--qc", metavar="QC_JSON", help="qc.json of the study QC page: images marked "
+                   "fail are left out unless their label is a human correction")
 
 
 def _add_phantom(sub):
@@ -145,9 +152,22 @@ def cmd_evaluate(args):
 def cmd_train(args):
     from .train import train
 
+    exclude = list(args.exclude)
+    if args.subjects:
+        from .dataset import find_bids_pairs
+
+        wanted = {s if s.startswith("sub-") else f"sub-{s}" for s in args.subjects}
+        everyone = {sub for sub, _, _ in find_bids_pairs(args.bids, args.contrast)}
+        if wanted - everyone:
+            raise InputError(f"Subjects not in the dataset: {', '.join(sorted(wanted - everyone))}")
+        exclude += sorted(everyone - wanted)
+    for folder in args.labels or []:
+        if not Path(folder).is_dir():
+            raise InputError(f"Labels folder not found: {folder}")
     path = train(args.out, bids=args.bids, pam50=args.pam50 or None, architecture=args.architecture,
                  steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                 time_budget_s=args.time_budget_min * 60, exclude=tuple(args.exclude),
+                 time_budget_s=args.time_budget_min * 60, exclude=tuple(exclude),
+                 labels=args.labels, qc=args.qc,
                  n_phantoms=args.phantoms, name=args.name, contrast=args.contrast,
                  log=lambda m: print(m, flush=True))
     print(f"saved {path}")

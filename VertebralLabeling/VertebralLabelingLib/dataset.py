@@ -66,31 +66,60 @@ def _ijk_to_ras(image: sitk.Image) -> np.ndarray:
     return matrix
 
 
-def find_bids_pairs(bids_dir: str | os.PathLike, contrast: str = "T2w"):
-    """(subject id, image path, disc-label path or None) for every image of the contrast."""
+def find_bids_pairs(bids_dir: str | os.PathLike, contrast: str = "T2w", labels=None):
+    """(subject id, image path, disc-label path or None) for every image of the contrast.
+
+    ``labels``: disc-label folders in the ``derivatives/labels`` layout, searched in order with
+    the *last* one that has an image's label winning (so ``[<bids>/derivatives/labels,
+    corrections]`` lets new corrections override older labels).  Default: the dataset's own
+    ``derivatives/labels``.
+    """
     bids_dir = Path(bids_dir)
+    label_dirs = [Path(d) for d in labels] if labels else [bids_dir / "derivatives" / "labels"]
     pairs = []
     pattern = str(bids_dir / "sub-*" / "**" / f"*_{contrast}.nii*")
     for image in sorted(glob.glob(pattern, recursive=True)):
         image = Path(image)
         rel = image.relative_to(bids_dir)
         stem = image.name.split(".nii")[0]
-        label = bids_dir / "derivatives" / "labels" / rel.parent / f"{stem}_label-discs_dlabel.nii.gz"
-        pairs.append((rel.parts[0], image, label if label.exists() else None))
+        found = None
+        for folder in label_dirs:
+            label = folder / rel.parent / f"{stem}_label-discs_dlabel.nii.gz"
+            if label.exists():
+                found = label
+        pairs.append((rel.parts[0], image, found))
     return pairs
 
 
-def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=()) -> list[Subject]:
-    """Labeled subjects of a BIDS dataset (those without a disc-label file are skipped)."""
+def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None, qc=None,
+                       log=None) -> list[Subject]:
+    """Labeled subjects of a BIDS dataset (those without a disc-label file are skipped).
+
+    ``labels``: see ``find_bids_pairs``.  ``qc``: a qc.json of the study page; images marked
+    *fail* there are left out unless their label is a human correction (its sidecar says so).
+    """
+    from .study import read_qc_marks
+
+    marks = read_qc_marks(qc) if qc else {}
+    if qc and not Path(qc).exists():
+        raise InputError(f"QC file not found: {qc}")
     subjects = []
-    for sub, image, label in find_bids_pairs(bids_dir, contrast):
+    for sub, image, label in find_bids_pairs(bids_dir, contrast, labels):
         if label is None or sub in exclude:
             continue
+        if marks.get(image.name.split(".nii")[0]) == "fail":
+            from .corrections import label_is_human
+
+            if not label_is_human(label):
+                if log:
+                    log(f"{image.name}: marked fail in QC and not corrected, left out")
+                continue
         discs = read_disc_labels(label)
         if discs:
             subjects.append(Subject(sub, load_volume(image), discs, image, label))
     if not subjects:
-        raise InputError(f"No labeled {contrast} images found under {bids_dir}.")
+        raise InputError(f"No labeled {contrast} images found under {bids_dir}"
+                         + (f" with labels in {', '.join(map(str, labels))}" if labels else "") + ".")
     return subjects
 
 

@@ -59,12 +59,13 @@ def _loss(architecture):
 
 def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, batch_size=12,
           seed=0, time_budget_s=3600.0, exclude=(), n_phantoms=12, name=None, log=print,
-          contrast="T2w", learning_rate=2e-3):
+          contrast="T2w", learning_rate=2e-3, labels=None, qc=None):
     """Train a model and save it (with metadata) as ``out_dir/NAME.keras``; returns the path."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    real = load_bids_subjects(bids, contrast=contrast, exclude=exclude) if bids else []
+    real = load_bids_subjects(bids, contrast=contrast, exclude=exclude, labels=labels, qc=qc,
+                              log=log) if bids else []
     template = load_pam50(pam50) if pam50 else None
     phantoms = make_phantom_subjects(n_phantoms, seed) if n_phantoms else []
     log(f"training {architecture} on {[s.name for s in real]}"
@@ -87,6 +88,7 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
         "training": {
             "subjects": [s.name for s in real], "pam50": bool(template), "phantoms": len(phantoms),
             "excluded": list(exclude), "seed": seed, "batch_size": batch_size,
+            "labels": [str(d) for d in labels] if labels else None, "qc": str(qc) if qc else None,
             "steps_planned": steps, "train_shape": list(TRAIN_SHAPE), "contrast": contrast,
         },
         "parameters": model.count_params(),

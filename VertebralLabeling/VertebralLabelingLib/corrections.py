@@ -1,0 +1,150 @@
+"""Human corrections: saving them, recognising them, and turning them into training labels.
+
+A correction is a markups file ``<stem>_desc-corrected_discs.mrk.json`` beside the batch's
+``<stem>_discs.mrk.json`` in the derivative folder.  It also carries
+``"VertebralLabeling": {"humanCorrected": true, ...}`` at the top level (the markups schema
+allows extra properties and Slicer ignores them), so a copied or renamed file is still known
+to be a person's work.  Corrections win everywhere afterwards: the study table, the QC page,
+``import-corrections``, and the batch never writes or deletes them.  A prediction file the
+person edited in place (its hash no longer matches the batch record) counts as a correction too.
+
+``import_corrections`` writes SCT disc-label NIfTI files in the ``derivatives/labels`` layout
+(``sub-X/[ses-Y/]anat/<stem>_label-discs_dlabel.nii.gz`` + a JSON sidecar saying where the
+label came from), which ``vertebral-labeling train --labels DIR`` reads directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import DISC_NAMES, DISC_VALUES, __version__
+from .errors import InputError
+from .export import markups_dict, read_markups_json
+from .study import (SUFFIX_CORRECTED, SUFFIX_DLABEL, SUFFIX_MARKUPS, SUFFIX_RECORD, default_qc_file,
+                    read_json, read_qc_marks, sha256_file, study_entries, write_json)
+from .volume import write_atomic_bytes
+
+CORRECTED_KEY = "VertebralLabeling"
+SOURCE_HUMAN = "human-corrected"
+SOURCE_QC_PASS = "model-accepted-in-qc"
+_VALUE_BY_NAME = dict(zip(DISC_NAMES, DISC_VALUES))
+
+
+def corrected_path(markups_path) -> Path:
+    """``<stem>_discs.mrk.json`` -> ``<stem>_desc-corrected_discs.mrk.json`` (same folder)."""
+    path = Path(markups_path)
+    if path.name.endswith(SUFFIX_CORRECTED):
+        return path
+    if not path.name.endswith(SUFFIX_MARKUPS):
+        raise InputError(f"{path.name} is not a batch markups file (*{SUFFIX_MARKUPS}).")
+    return path.with_name(path.name[: -len(SUFFIX_MARKUPS)] + SUFFIX_CORRECTED)
+
+
+def save_corrected(discs, path, source_image=None, note: str = "") -> Path:
+    """Write ``discs`` (DiscPoint list, RAS) as a human-corrected markups file, atomically."""
+    data = markups_dict(discs)
+    for point in data["markups"][0]["controlPoints"]:
+        point["description"] = "checked and corrected by hand"
+        point["selected"] = True
+    data[CORRECTED_KEY] = {"humanCorrected": True, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "sourceImage": str(source_image) if source_image else "",
+                           "note": note, "tool": f"vertebral-labeling {__version__}"}
+    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def is_human_corrected(path) -> bool:
+    path = Path(path)
+    if path.name.endswith(SUFFIX_CORRECTED):
+        return True
+    data = read_json(path, {}) or {}
+    return bool(isinstance(data, dict) and (data.get(CORRECTED_KEY) or {}).get("humanCorrected"))
+
+
+def discs_from_markups(path) -> list:
+    """DiscPoints (confidence 1, not flagged) from a markups file; unknown labels dropped."""
+    from .labeling import DiscPoint
+
+    discs = [DiscPoint(_VALUE_BY_NAME[label], label, np.asarray(ras, float), 1.0)
+             for label, ras, _ in read_markups_json(path) if label in _VALUE_BY_NAME]
+    if not discs:
+        raise InputError(f"{path} has no disc points (labels {', '.join(DISC_NAMES)}).")
+    return sorted(discs, key=lambda d: d.value)
+
+
+def _label_source(item, record, deriv, marks, accept_pass):
+    """(markups path, source) to import for an item, or (None, why not)."""
+    corrected = item.path(deriv, SUFFIX_CORRECTED)
+    if corrected.exists():
+        return corrected, SOURCE_HUMAN
+    predicted = item.path(deriv, SUFFIX_MARKUPS)
+    if predicted.exists():
+        written = (record.get("outputs") or {}).get(predicted.name)
+        if is_human_corrected(predicted) or (written and sha256_file(predicted) != written):
+            return predicted, SOURCE_HUMAN  # edited in place
+        if accept_pass and marks.get(item.key) == "pass" and record.get("status") == "ok":
+            return predicted, SOURCE_QC_PASS
+    return None, "no correction"
+
+
+def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, accept_pass=False,
+                       overwrite=False, log=print) -> list[Path]:
+    """Write SCT disc-label NIfTI files (``derivatives/labels`` layout) from the corrections.
+
+    ``accept_pass`` also imports the predictions of images marked *pass* in qc.json (a person
+    looked at them and found them right).  Images marked *fail* without a correction are never
+    imported.  An existing label file not written by this command is only replaced with
+    ``overwrite`` (it may be a manual label).  Returns the written label paths.
+    """
+    from .export import write_disc_label_nifti
+    from .volume import load_volume
+
+    deriv, out = Path(deriv), Path(out)
+    marks = read_qc_marks(qc_file or default_qc_file(deriv))
+    jobs = []
+    for item, record in study_entries(deriv, bids, contrast):
+        source, kind = _label_source(item, record, deriv, marks, accept_pass)
+        if source is not None:
+            jobs.append((item, source, kind))
+    if not jobs:
+        raise InputError(f"No corrected markups (*{SUFFIX_CORRECTED}) found in {deriv}"
+                         + ("" if accept_pass else " (use --accept-pass to import QC-passed predictions)"))
+    written = []
+    for item, source, kind in jobs:
+        target = out / item.rel_dir / f"{item.stem}{SUFFIX_DLABEL}"
+        sidecar = target.with_name(target.name[: -len(".nii.gz")] + ".json")
+        ours = (read_json(sidecar, {}) or {}).get("GeneratedBy") == "vertebral-labeling import-corrections"
+        if target.exists() and not ours and not overwrite:
+            raise InputError(f"{target} exists and was not written by import-corrections (it may be "
+                             "a manual label); pass --overwrite to replace it.")
+        if not item.image.exists():
+            raise InputError(f"Source image of {item.key} not found: {item.image} (pass --bids).")
+        discs = discs_from_markups(source)
+        write_disc_label_nifti(discs, load_volume(item.image), target)
+        write_json(sidecar, {"GeneratedBy": "vertebral-labeling import-corrections",
+                             "Source": kind, "Markups": str(source.resolve()),
+                             "MarkupsSHA256": sha256_file(source), "Discs": [d.name for d in discs]})
+        written.append(target)
+        log(f"{item.key}: {kind} -> {target}")
+    description = out / "dataset_description.json"
+    if not description.exists():
+        write_json(description, {"Name": "Disc labels (human corrections of vertebral-labeling)",
+                                 "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                                 "GeneratedBy": [{"Name": "vertebral-labeling import-corrections",
+                                                  "Version": __version__}]})
+    return written
+
+
+def label_is_human(label_path) -> bool:
+    """True when a disc-label file's sidecar says it was corrected (or checked) by a person."""
+    path = Path(label_path)
+    sidecar = path.with_name(path.name.split(".nii")[0] + ".json")
+    return (read_json(sidecar, {}) or {}).get("Source") in (SOURCE_HUMAN, SOURCE_QC_PASS)
+
+
+__all__ = ["corrected_path", "save_corrected", "is_human_corrected", "discs_from_markups",
+           "import_corrections", "label_is_human", "SUFFIX_RECORD"]
