@@ -1,0 +1,389 @@
+"""AP spine radiographs: reading images and AASCE labels, the train/validation split, the
+network input geometry and training-time augmentation.
+
+Geometry bookkeeping: the network sees a fixed ``INPUT_SHAPE`` (rows, cols) picture made by one
+affine map from the original pixel grid (uniform scale so that the image height fills the input
+height, centred horizontally; training adds random scale, rotation and shift).  The map is kept
+as a 3x3 matrix ``input_to_pixel`` (homogeneous (x, y) -> (x, y)), so predicted points go back to
+original pixels exactly, and from there to physical space with the image's spacing and origin.
+
+AASCE layout (SpineWeb dataset 16, AASCE 2019 training release)::
+
+    DIR/images/<name>.jpg
+    DIR/labels/filenames.csv     one image name a row
+    DIR/labels/landmarks.csv     68 x then 68 y, normalised by width / height, no header
+    DIR/labels/angles.csv        three Cobb angles (degrees), reference method order
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES
+from .errors import InputError
+
+#: Network input (rows, cols).  A ~850 x 2400 radiograph becomes about 230 x 640.
+INPUT_SHAPE = (640, 320)
+#: Output stride of the landmark network (input pixels per output cell).
+STRIDE = 4
+#: Corner offsets are regressed in units of this many input pixels.
+OFFSET_SCALE = 16.0
+#: Gaussian width (output cells) of the vertebra-centre heatmap targets.
+HEATMAP_SIGMA = 1.3
+#: Validation split: seed and fraction of patients held out.
+SPLIT_SEED = 0
+VAL_FRACTION = 0.17
+#: Smallest image side accepted (pixels); a spine needs room for 17 vertebrae.
+MIN_SIDE = 64
+
+POINT_LABELS = tuple(f"{v}-{c}" for v in VERTEBRA_NAMES for c in CORNER_NAMES)
+
+
+# -- images ----------------------------------------------------------------------------------
+@dataclass
+class Radiograph:
+    """A 2D grayscale radiograph: ``array`` (rows, cols) float32, pixel spacing/origin (x, y)."""
+
+    array: np.ndarray
+    spacing: tuple = (1.0, 1.0)
+    origin: tuple = (0.0, 0.0)
+    name: str = "xray"
+    slice_z: float = 0.0  #: z (mm) of a single-slice 3D image, kept in the exported points
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+    def pixel_to_physical(self, xy) -> np.ndarray:
+        """(N, 2) pixel (x = column, y = row) -> physical (x, y) in mm (LPS of a 2D image)."""
+        xy = np.asarray(xy, float)
+        return xy * np.asarray(self.spacing, float) + np.asarray(self.origin, float)
+
+    def physical_to_pixel(self, xy) -> np.ndarray:
+        xy = np.asarray(xy, float)
+        return (xy - np.asarray(self.origin, float)) / np.asarray(self.spacing, float)
+
+
+def _to_gray(array: np.ndarray, components: int) -> np.ndarray:
+    if components == 1:
+        return array.astype(np.float32)
+    if components in (3, 4):
+        rgb = array[..., :3].astype(np.float32)
+        return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    raise InputError(f"The image has {components} components per pixel; a grayscale or RGB "
+                     "radiograph is needed.")
+
+
+def radiograph_from_sitk(image, name: str = "xray") -> Radiograph:
+    """Validate a SimpleITK image and turn it into a 2D grayscale :class:`Radiograph`.
+
+    Accepts 2D images and 3D images with a single slice (DICOM, NRRD from Slicer); refuses
+    volumes, tiny images and constant (empty) images with a message saying why.
+    """
+    import SimpleITK as sitk
+
+    size = image.GetSize()
+    dim = image.GetDimension()
+    components = image.GetNumberOfComponentsPerPixel()
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    if dim == 3:
+        if sorted(size)[0] != 1:
+            raise InputError(f"The image is a 3D volume of size {size}; an AP radiograph is a 2D "
+                             "image (one slice).")
+        if size[2] != 1:
+            raise InputError(f"The single-slice image {size} is not in the x-y plane; export the "
+                             "radiograph as a 2D image.")
+        array = sitk.GetArrayFromImage(image)[0]
+    elif dim == 2:
+        array = sitk.GetArrayFromImage(image)
+    else:
+        raise InputError(f"The image is {dim}D; an AP radiograph is a 2D image.")
+    array = _to_gray(array, components)
+    if min(array.shape[:2]) < MIN_SIDE:
+        raise InputError(f"The image is too small for a spine radiograph: {array.shape[1]} x "
+                         f"{array.shape[0]} pixels (at least {MIN_SIDE} each way).")
+    finite = np.isfinite(array)
+    if not finite.all():
+        if finite.mean() < 0.5:
+            raise InputError("Most pixels are NaN or infinite; the image cannot be labeled.")
+        array = np.where(finite, array, array[finite].min()).astype(np.float32)
+    if float(array.max()) == float(array.min()):
+        raise InputError("The image is empty (every pixel has the same value).")
+    return Radiograph(array, (float(spacing[0]), float(spacing[1])),
+                      (float(origin[0]), float(origin[1])), name,
+                      float(origin[2]) if dim == 3 else 0.0)
+
+
+def read_radiograph(path: str | os.PathLike) -> Radiograph:
+    """Read any 2D image SimpleITK opens (JPEG, PNG, DICOM file or folder, NRRD, ...)."""
+    from .volume import read_image
+
+    path = Path(path)
+    image = read_image(path)  # InputError for missing / unreadable files
+    name = path.name
+    for suffix in (".nii.gz", ".nrrd", ".jpeg", ".jpg", ".png", ".dcm", ".tif", ".tiff", ".mha",
+                   ".nii", ".bmp"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return radiograph_from_sitk(image, name or "xray")
+
+
+def normalize(array: np.ndarray) -> np.ndarray:
+    """Intensities to about [0, 1] (1st-99.5th percentile of the non-black pixels)."""
+    values = array[array > array.min()] if np.any(array > array.min()) else array.ravel()
+    lo, hi = np.percentile(values, [1.0, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+# -- input geometry --------------------------------------------------------------------------
+def base_transform(height: int, width: int, shape=INPUT_SHAPE) -> np.ndarray:
+    """3x3 map input pixel (x, y) -> original pixel (x, y): the height fills the input, centred.
+
+    Pixel-index convention throughout: the centre of pixel (column j, row i) is at (j, i).
+    """
+    rows, cols = shape
+    scale = height / rows  # original pixels per input pixel
+    matrix = np.eye(3)
+    matrix[0, 0] = matrix[1, 1] = scale
+    matrix[0, 2] = (width - 1) / 2.0 - scale * (cols - 1) / 2.0
+    matrix[1, 2] = (height - 1) / 2.0 - scale * (rows - 1) / 2.0
+    return matrix
+
+
+def warp(array: np.ndarray, input_to_pixel: np.ndarray, shape=INPUT_SHAPE, order: int = 1) -> np.ndarray:
+    """Sample ``array`` (rows, cols) on the input grid (bilinear); outside the image is 0."""
+    m = input_to_pixel  # (x, y) convention; ndimage works in (row, col)
+    matrix = np.array([[m[1, 1], m[1, 0]], [m[0, 1], m[0, 0]]])
+    offset = np.array([m[1, 2], m[0, 2]])
+    return ndimage.affine_transform(array, matrix, offset=offset, output_shape=shape, order=order,
+                                    mode="constant", cval=0.0, prefilter=False).astype(np.float32)
+
+
+def apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 homogeneous 2D map to (N, 2) points."""
+    xy = np.asarray(xy, float)
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def prepare_input(radiograph: Radiograph, shape=INPUT_SHAPE):
+    """Network input (rows, cols) float32 in [0, 1] and its input->original-pixel matrix."""
+    matrix = base_transform(radiograph.height, radiograph.width, shape)
+    image = normalize(radiograph.array)
+    k = int(np.floor(matrix[0, 0]))
+    if k >= 2:  # area-average first (anti-aliasing), then sample the small image
+        rows, cols = -(-image.shape[0] // k) * k, -(-image.shape[1] // k) * k
+        padded = np.pad(image, ((0, rows - image.shape[0]), (0, cols - image.shape[1])), mode="edge")
+        image = padded.reshape(rows // k, k, cols // k, k).mean(axis=(1, 3))
+        to_small = np.array([[1 / k, 0, -(k - 1) / (2 * k)], [0, 1 / k, -(k - 1) / (2 * k)], [0, 0, 1]])
+        return warp(image, to_small @ matrix, shape), matrix
+    return warp(image, matrix, shape), matrix
+
+
+# -- AASCE labels ----------------------------------------------------------------------------
+@dataclass
+class AasceSet:
+    """An AASCE-layout data set: image folder, names, landmarks (normalised) and angles."""
+
+    images_dir: Path
+    names: list
+    landmarks: np.ndarray  # (n, 68, 2) x / width, y / height
+    angles: np.ndarray | None  # (n, 3) degrees, or None without angles.csv
+
+    def image_path(self, index: int) -> Path:
+        return self.images_dir / self.names[index]
+
+    def indices_of(self, names) -> list:
+        where = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise InputError(f"{len(missing)} names are not in filenames.csv, e.g. {missing[0]!r}")
+        return [where[n] for n in names]
+
+
+def load_aasce(images_dir=None, labels_dir=None, data_dir=None) -> AasceSet:
+    """Read an AASCE-layout folder (see module docstring); ``data_dir`` = parent of both."""
+    if data_dir is not None:
+        images_dir, labels_dir = Path(data_dir) / "images", Path(data_dir) / "labels"
+    if images_dir is None or labels_dir is None:
+        raise InputError("Give the images and labels folders (or the folder holding both).")
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise InputError(f"No such folder: {folder}")
+    for name in ("filenames.csv", "landmarks.csv"):
+        if not (labels_dir / name).is_file():
+            raise InputError(f"{labels_dir} is not an AASCE label folder: {name} is missing.")
+    names = [n.strip().strip('"') for n in (labels_dir / "filenames.csv").read_text().splitlines()]
+    names = [n for n in names if n]
+    try:
+        table = np.loadtxt(labels_dir / "landmarks.csv", delimiter=",", ndmin=2)
+    except ValueError as error:
+        raise InputError(f"Cannot read {labels_dir / 'landmarks.csv'}: {error}") from error
+    if table.shape != (len(names), 2 * N_POINTS):
+        raise InputError(f"landmarks.csv has shape {table.shape}; expected ({len(names)}, "
+                         f"{2 * N_POINTS}) for {len(names)} file names.")
+    landmarks = np.stack([table[:, :N_POINTS], table[:, N_POINTS:]], axis=2)
+    angles = None
+    if (labels_dir / "angles.csv").is_file():
+        angles = np.loadtxt(labels_dir / "angles.csv", delimiter=",", ndmin=2)
+        if angles.shape != (len(names), 3):
+            raise InputError(f"angles.csv has shape {angles.shape}; expected ({len(names)}, 3).")
+    return AasceSet(images_dir, names, landmarks, angles)
+
+
+def patient_key(name: str) -> str:
+    """Images of one patient share a key ('...-162 A AP.jpg', '...-162 B AP.jpg' -> '...-162')."""
+    stem = re.sub(r"\.(jpe?g|png)$", "", name, flags=re.IGNORECASE)
+    match = re.match(r"^(.*?-\d+)\s+[A-Z]\b", stem)
+    return match.group(1) if match else stem
+
+
+def split_names(names, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION):
+    """Fixed patient-level split: (train names, validation names), both in input order.
+
+    Patients (see :func:`patient_key`) are ordered by a seeded hash, and whole patients go to
+    validation until it holds ``val_fraction`` of the images, so no patient is in both.
+    """
+    groups = {}
+    for name in names:
+        groups.setdefault(patient_key(name), []).append(name)
+
+    def rank(key):
+        return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+    target = int(round(val_fraction * len(names)))
+    val = set()
+    for key in sorted(groups, key=rank):
+        if len(val) >= target:
+            break
+        val.update(groups[key])
+    return [n for n in names if n not in val], [n for n in names if n in val]
+
+
+def read_names_file(path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"No such file: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- training cache and augmentation ---------------------------------------------------------
+CACHE_SHAPE = (INPUT_SHAPE[0], INPUT_SHAPE[1] + 128)  # room for shifts/rotations
+
+
+def cache_dataset(aset: AasceSet, indices, cache_dir, log=print):
+    """Decode, normalise and downsample each image once; return (images uint8, points, sizes).
+
+    images: (n, CACHE_SHAPE) uint8; points: (n, 68, 2) in cache-pixel (x, y); sizes (n, 2) = (W, H)
+    of the originals.  Stored in ``cache_dir`` as .npy keyed by the file list.
+    """
+    cache_dir = Path(cache_dir)
+    key = hashlib.sha256(("\n".join(aset.names[i] for i in indices) + f"{CACHE_SHAPE}").encode()).hexdigest()[:12]
+    files = [cache_dir / f"xray_{key}_{part}.npy" for part in ("images", "points", "sizes")]
+    if all(f.exists() for f in files):
+        return tuple(np.load(f) for f in files)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((len(indices),) + CACHE_SHAPE, np.uint8)
+    points = np.zeros((len(indices), N_POINTS, 2), np.float32)
+    sizes = np.zeros((len(indices), 2), np.float32)
+    for k, index in enumerate(indices):
+        radiograph = read_radiograph(aset.image_path(index))
+        array, matrix = prepare_input(radiograph, CACHE_SHAPE)
+        images[k] = np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8)
+        pix = aset.landmarks[index] * [radiograph.width, radiograph.height]
+        points[k] = apply(np.linalg.inv(matrix), pix)
+        sizes[k] = (radiograph.width, radiograph.height)
+        if log and k % 50 == 0:
+            log(f"cached {k + 1}/{len(indices)}")
+    for f, arr in zip(files, (images, points, sizes)):
+        np.save(f, arr)
+    return images, points, sizes
+
+
+def random_transform(rng: np.random.Generator, source_shape, shape=INPUT_SHAPE, strength=1.0) -> np.ndarray:
+    """3x3 map input (x, y) -> cache (x, y): random scale, rotation, shift about the centre."""
+    scale = np.exp(rng.uniform(np.log(0.85), np.log(1.2)) * strength)  # >1: zoom out
+    angle = np.radians(rng.uniform(-10, 10) * strength)
+    aspect = np.exp(rng.uniform(-0.08, 0.08) * strength)
+    shift = rng.uniform([-25, -30], [25, 30]) * strength
+    c, s = np.cos(angle), np.sin(angle)
+    linear = np.array([[c, -s], [s, c]]) @ np.diag([scale * aspect, scale / aspect])
+    centre_in = np.array([shape[1] - 1, shape[0] - 1]) / 2.0
+    centre_src = np.array([source_shape[1] - 1, source_shape[0] - 1]) / 2.0 + shift
+    m = np.eye(3)
+    m[:2, :2] = linear
+    m[:2, 2] = centre_src - linear @ centre_in
+    return m
+
+
+def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    gamma = np.exp(rng.uniform(-0.4, 0.4))
+    out = np.clip(image, 0, 1) ** gamma
+    out = out * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
+    if rng.random() < 0.3:
+        out = ndimage.gaussian_filter(out, rng.uniform(0.5, 1.2))
+    out = out + rng.normal(0, rng.uniform(0, 0.04), out.shape)
+    if rng.random() < 0.1:
+        out = 1.0 - out  # some radiographs are stored inverted
+    return out.astype(np.float32)
+
+
+def training_sample(image_u8, points, rng, strength=1.0, shape=INPUT_SHAPE):
+    """One augmented (input image, 68 points in input pixels)."""
+    image = image_u8.astype(np.float32) / 255.0
+    m = random_transform(rng, image.shape, shape, strength)
+    warped = warp(image, m, shape)
+    pts = apply(np.linalg.inv(m), points)
+    if strength > 0:
+        warped = augment_intensity(warped, rng)
+    return warped, pts
+
+
+def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA):
+    """Heatmap (H/s, W/s, 1), offsets (H/s, W/s, 8) and regression mask (H/s, W/s, 1).
+
+    The heatmap has one Gaussian per vertebra centre (mean of its four corners).  Offsets are
+    (corner - cell centre) / OFFSET_SCALE, x then y per corner TL, TR, BL, BR, written in the
+    3 x 3 cells around each centre so that a peak one cell off still reads good corners.
+    """
+    rows, cols = shape[0] // stride, shape[1] // stride
+    heat = np.zeros((rows, cols), np.float32)
+    offsets = np.zeros((rows, cols, 8), np.float32)
+    mask = np.zeros((rows, cols), np.float32)
+    corners = np.asarray(points, float).reshape(17, 4, 2)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    cell_x = (xx + 0.5) * stride - 0.5
+    cell_y = (yy + 0.5) * stride - 0.5
+    for vertebra in corners:
+        centre = vertebra.mean(axis=0)
+        cx, cy = (centre + 0.5) / stride - 0.5
+        g = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))
+        heat = np.maximum(heat, g)
+        ix, iy = int(round(cx)), int(round(cy))
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                x, y = ix + dx, iy + dy
+                if 0 <= x < cols and 0 <= y < rows:
+                    weight = 1.0 if dx == dy == 0 else 0.5
+                    if weight <= mask[y, x]:
+                        continue
+                    rel = (vertebra - [cell_x[y, x], cell_y[y, x]]) / OFFSET_SCALE
+                    offsets[y, x] = rel.ravel()
+                    mask[y, x] = weight
+        if 0 <= ix < cols and 0 <= iy < rows:
+            heat[iy, ix] = 1.0
+    return heat[..., None], offsets, mask[..., None]

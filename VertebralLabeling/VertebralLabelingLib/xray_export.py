@@ -1,0 +1,163 @@
+"""Writing and reading X-ray results: Slicer markups JSON (68 corners), CSV, angles JSON, QC PNG.
+
+Points are stored in the image's physical space.  A 2D image's physical (x, y) is what
+SimpleITK and Slicer call LPS, so the markups file has ``coordinateSystem: LPS`` and positions
+``[x, y, z]`` with z = 0 (or the slice position of a single-slice 3D image), exactly where
+Slicer draws the radiograph it loads from the same file.  Every writer is atomic.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES, CobbResult
+from .errors import InputError
+from .export import MARKUPS_SCHEMA
+from .volume import write_atomic_bytes
+from .xray_data import POINT_LABELS
+
+#: Column names of angles.csv in the AASCE reference order (the names the challenge uses).
+ANGLE_COLUMNS = ("PT", "MT", "TL/L")
+CSV_COLUMNS = ("label", "vertebra", "corner", "x", "y", "z", "x_px", "y_px", "confidence")
+
+
+def curve_region(upper: str, lower: str) -> str:
+    """Anatomical region of a curve from the middle of its end vertebrae (for display)."""
+    middle = (VERTEBRA_NAMES.index(upper) + VERTEBRA_NAMES.index(lower)) / 2
+    if middle < 5:  # apex T1-T5
+        return "proximal thoracic"
+    if middle < 11:  # apex T6-T11
+        return "main thoracic"
+    return "thoracolumbar/lumbar"
+
+
+def angles_dict(cobb: CobbResult) -> dict:
+    """The three angles with end vertebrae, in the AASCE reference order."""
+    curves = []
+    for column, angle, (upper, lower) in zip(ANGLE_COLUMNS, cobb.angles_deg, cobb.end_vertebrae):
+        curves.append({"column": column, "angle_deg": round(float(angle), 3),
+                       "upper_end_vertebra": upper, "lower_end_vertebra": lower,
+                       "region": curve_region(upper, lower) if upper != lower else "none"})
+    return {"angles_deg": [round(float(a), 3) for a in cobb.angles_deg], "curves": curves,
+            "largest_deg": round(float(max(cobb.angles_deg)), 3), "branch": cobb.branch,
+            "method": "AASCE 2019 reference (angleCal.m); column 1 is the largest curve, "
+                      "columns 2 and 3 the curves above/below it"}
+
+
+def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = False,
+                 threshold: float = 0.3) -> dict:
+    points = np.asarray(points, float)
+    if points.shape != (N_POINTS, 2):
+        raise InputError(f"expected {N_POINTS} points, got {points.shape}")
+    control = []
+    for index, (label, (x, y)) in enumerate(zip(POINT_LABELS, points)):
+        conf = None if confidence is None else float(confidence[index // 4])
+        description = "" if conf is None else f"confidence={conf:.2f}"
+        flagged = conf is not None and conf < threshold
+        if flagged:
+            description += "; REVIEW: low confidence"
+        control.append({
+            "id": str(index + 1), "label": label, "description": description,
+            "associatedNodeID": "", "position": [float(x), float(y), float(slice_z)],
+            "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+            "selected": not flagged, "locked": locked, "visibility": True,
+            "positionStatus": "defined",
+        })
+    return {
+        "@schema": MARKUPS_SCHEMA,
+        "markups": [{
+            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+            "locked": locked, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
+            "lastUsedControlPointNumber": N_POINTS, "controlPoints": control, "measurements": [],
+        }],
+    }
+
+
+def write_markups_json(points, path, confidence=None, slice_z: float = 0.0) -> None:
+    data = markups_dict(points, confidence, slice_z)
+    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_markups_json(path) -> np.ndarray:
+    """The 68 corners (physical x, y) of a .mrk.json, matched by label (T1-TL ... L5-BR)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        markup = data["markups"][0]
+        lps = markup.get("coordinateSystem", "LPS") == "LPS"
+        found = {}
+        for point in markup.get("controlPoints", []):
+            if point.get("positionStatus", "defined") != "defined":
+                continue
+            x, y, _ = (float(v) for v in point["position"])
+            found[point.get("label", "")] = (x, y) if lps else (-x, -y)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise InputError(f"Cannot read markups file {path}: {error}") from error
+    missing = [label for label in POINT_LABELS if label not in found]
+    if missing:
+        raise InputError(f"{path} lacks {len(missing)} of the 68 corner points, e.g. {missing[0]}")
+    return np.array([found[label] for label in POINT_LABELS])
+
+
+def write_csv(points, path, points_px=None, confidence=None, slice_z: float = 0.0) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for index, label in enumerate(POINT_LABELS):
+        vertebra, corner = VERTEBRA_NAMES[index // 4], CORNER_NAMES[index % 4]
+        x, y = points[index]
+        px = ("", "") if points_px is None else (f"{points_px[index][0]:.2f}", f"{points_px[index][1]:.2f}")
+        conf = "" if confidence is None else f"{float(confidence[index // 4]):.3f}"
+        writer.writerow([label, vertebra, corner, f"{x:.3f}", f"{y:.3f}", f"{slice_z:.3f}", *px, conf])
+    write_atomic_bytes(path, buffer.getvalue().encode())
+
+
+def write_angles_json(cobb: CobbResult, path, extra: dict | None = None) -> None:
+    data = dict(extra or {}, **angles_dict(cobb))
+    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+# -- QC picture ------------------------------------------------------------------------------
+def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 1000):
+    """PIL picture: the radiograph, the 17 vertebra outlines, the end-vertebra lines and angles."""
+    from PIL import Image, ImageDraw
+
+    from .xray_data import normalize
+
+    gray = (normalize(np.asarray(array, np.float32)) * 255).astype(np.uint8)
+    scale = height / gray.shape[0]
+    width = max(1, int(round(gray.shape[1] * scale)))
+    picture = Image.fromarray(gray).resize((width, height), Image.BILINEAR).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    pts = np.asarray(points_px, float) * scale
+    colours = [(0, 220, 255), (255, 200, 0), (255, 80, 200)]
+    for v in range(17):
+        tl, tr, bl, br = pts[4 * v: 4 * v + 4]
+        flagged = confidence is not None and confidence[v] < 0.3
+        colour = (255, 60, 60) if flagged else (60, 255, 90)
+        draw.line([tuple(tl), tuple(tr), tuple(br), tuple(bl), tuple(tl)], fill=colour, width=1)
+        for p in (tl, tr, bl, br):
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+        draw.text((tr[0] + 4, (tr[1] + br[1]) / 2 - 5), VERTEBRA_NAMES[v], fill=colour)
+    reach = 0.18 * width + 40
+    for k, (angle, ends) in enumerate(zip(cobb.angles_deg, cobb.end_vertebrae)):
+        colour = colours[k]
+        for name in ends:
+            v = VERTEBRA_NAMES.index(name)
+            tl, tr, bl, br = pts[4 * v: 4 * v + 4]
+            left, right = (tl + bl) / 2, (tr + br) / 2
+            d = (right - left) / max(np.linalg.norm(right - left), 1e-6)
+            mid = (left + right) / 2
+            draw.line([tuple(mid - d * reach), tuple(mid + d * reach)], fill=colour, width=2)
+        draw.text((5, 5 + 14 * k), f"{ANGLE_COLUMNS[k]} {angle:5.1f} deg  {ends[0]}-{ends[1]}", fill=colour)
+    return picture
+
+
+def write_qc_png(array, points_px, cobb, path, confidence=None, height: int = 1000) -> None:
+    buffer = io.BytesIO()
+    qc_image(array, points_px, cobb, confidence, height).save(buffer, format="PNG", optimize=True)
+    write_atomic_bytes(path, buffer.getvalue())

@@ -1,0 +1,140 @@
+"""Labeling one AP radiograph: 68 vertebral corners (T1..L5 x TL, TR, BL, BR) and Cobb angles.
+
+Pipeline: the radiograph is scaled so its height fills the network input (``xray_data``), the
+network gives a vertebra-centre heatmap and corner offsets (``xray_model``), the 17 strongest
+heatmap peaks (3 x 3 non-maximum suppression) sorted from top to bottom become T1..L5, and each
+reads its corners from the offsets of the cells around its peak (weighted by the heatmap).
+Points go back to original pixels through the exact input geometry, then to physical space
+with the image's pixel spacing and origin.  The Cobb angles are the AASCE reference method
+(``cobb.py``) on the points in millimetres (pixels for images without spacing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import xray_data
+from .cobb import CobbResult, cobb_angles
+from .errors import InputError
+from .xray_data import INPUT_SHAPE, OFFSET_SCALE, STRIDE, POINT_LABELS, Radiograph
+
+N_VERTEBRAE = 17
+#: A vertebra whose centre peak is below this is flagged for review.
+REVIEW_THRESHOLD = 0.3
+
+
+@dataclass
+class XrayResult:
+    """Corners in original pixels (x, y) and physical space, per-vertebra confidence, angles."""
+
+    points_px: np.ndarray           # (68, 2) pixel (x = column, y = row)
+    points: np.ndarray              # (68, 2) physical (x, y), LPS of the 2D image
+    confidence: np.ndarray          # (17,) centre peak height in [0, 1]
+    cobb: CobbResult
+    radiograph: Radiograph
+    seconds: float = 0.0
+    warnings: list = field(default_factory=list)
+
+    @property
+    def labels(self):
+        return POINT_LABELS
+
+    def flagged(self) -> np.ndarray:
+        return self.confidence < REVIEW_THRESHOLD
+
+
+def cobb_from_points(points_px, radiograph: Radiograph) -> CobbResult:
+    """Reference Cobb angles of pixel points, measured in mm (pixel spacing respected)."""
+    spacing = np.asarray(radiograph.spacing, float)
+    return cobb_angles(np.asarray(points_px, float) * spacing,
+                       image_height=radiograph.height * spacing[1])
+
+
+def cobb_from_physical(points, radiograph: Radiograph) -> CobbResult:
+    return cobb_from_points(radiograph.physical_to_pixel(points), radiograph)
+
+
+def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE):
+    """Heatmap (h, w) + offsets (h, w, 8) -> corners (n*4, 2) in input pixels, peak values (n,).
+
+    Peaks are 3 x 3 local maxima; the ``n`` strongest are sorted by height (top first).  Each
+    vertebra's corners are the heatmap-weighted mean over the 3 x 3 cells around its peak of
+    (cell position + offset), which averages out the regression noise of single cells.
+    """
+    from scipy import ndimage
+
+    h, w = heat.shape
+    local_max = (heat == ndimage.maximum_filter(heat, size=3, mode="constant", cval=-1.0))
+    ys, xs = np.nonzero(local_max)
+    if len(ys) < n:
+        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
+    order = np.argsort(-heat[ys, xs], kind="stable")[:n]
+    ys, xs = ys[order], xs[order]
+    peaks = heat[ys, xs]
+    corners = np.zeros((n, 4, 2))
+    centres_y = np.zeros(n)
+    for k, (y, x) in enumerate(zip(ys, xs)):
+        y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
+        weights = heat[y0:y1, x0:x1] ** 2
+        cy, cx = np.mgrid[y0:y1, x0:x1]
+        cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
+        pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]
+        corners[k] = (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
+        centres_y[k] = corners[k, :, 1].mean()
+    top_down = np.argsort(centres_y, kind="stable")
+    return corners[top_down].reshape(-1, 2), peaks[top_down]
+
+
+class XrayLabeler:
+    """A loaded landmark model; ``label(radiograph)`` runs the whole pipeline."""
+
+    def __init__(self, model, meta: dict):
+        self.model = model
+        self.meta = meta
+        self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
+        self._predict = None
+
+    @classmethod
+    def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
+        from .xray_model import load
+
+        return cls(*load(name_or_path))
+
+    def _network(self, batch: np.ndarray):
+        if self._predict is None:
+            import tensorflow as tf
+
+            self._predict = tf.function(lambda x: self.model(x, training=False),
+                                        reduce_retracing=True)
+        heat, offsets = self._predict(batch)
+        return np.asarray(heat), np.asarray(offsets)
+
+    def predict_input(self, image: np.ndarray):
+        """Corners (68, 2) and peaks (17,) in input pixels of one prepared input image."""
+        heat, offsets = self._network(image[None, ..., None].astype(np.float32))
+        return decode(heat[0, ..., 0], offsets[0])
+
+    def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
+        start = time.perf_counter()
+        if progress:
+            progress(0.1, "Preparing the image")
+        image, matrix = xray_data.prepare_input(radiograph, self.shape)
+        if progress:
+            progress(0.4, "Running the landmark network")
+        corners, peaks = self.predict_input(image)
+        points_px = xray_data.apply(matrix, corners)
+        points = radiograph.pixel_to_physical(points_px)
+        if progress:
+            progress(0.9, "Computing Cobb angles")
+        result = XrayResult(points_px, points, peaks, cobb_from_points(points_px, radiograph), radiograph)
+        low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]
+        if len(low) > 3:
+            result.warnings.append(f"{len(low)} vertebrae found with low confidence ({', '.join(low)}); "
+                                   "check that this is an AP spine radiograph from T1 to L5.")
+        result.seconds = time.perf_counter() - start
+        if progress:
+            progress(1.0, "Done")
+        return result

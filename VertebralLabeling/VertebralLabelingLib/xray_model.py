@@ -1,0 +1,110 @@
+"""The AP radiograph landmark network, and loading/saving it with its metadata.
+
+Vertebra-focused design (after Yi et al., "Vertebra-focused landmark detection for scoliosis
+assessment", ISBI 2020): a small fully convolutional encoder-decoder outputs, at 1/4 of the
+input resolution,
+
+* ``heatmap`` (1 channel): one Gaussian peak per vertebra centre;
+* ``offsets`` (8 channels): the four corners (TL, TR, BL, BR; x, y) relative to each cell,
+  in units of ``xray_data.OFFSET_SCALE`` input pixels.
+
+At inference the 17 strongest heatmap peaks, sorted from top to bottom, are T1..L5 and each
+reads its four corners from the offsets (see ``xray_label``).  The encoder goes down to 1/32
+with a dilated residual bottleneck, so a vertebra sees most of the spine when it decides
+whether it is a vertebra centre.
+
+Files follow the MRI models' convention (``models.py``): ``NAME.keras`` (weights only, no
+optimizer state), ``NAME.json`` (how to feed it) and ``NAME.md`` (model card).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import models as model_lib
+from .errors import ModelError
+
+ARCHITECTURE = "xray-compact"
+TASK = "xray-vertebral-corners"
+DEFAULT_MODEL = "xray-compact"
+
+
+def build(width: float = 1.0):
+    """The landmark network (~1 M parameters at width 1)."""
+    keras = model_lib._keras()
+    layers = keras.layers
+
+    def ch(n):
+        return max(8, int(round(n * width)))
+
+    def conv(x, filters, stride=1, dilation=1, kernel=3):
+        x = layers.Conv2D(ch(filters), kernel, strides=stride, padding="same",
+                          dilation_rate=dilation, use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU()(x)
+
+    def block(x, filters, stride):
+        y = conv(x, filters, stride=stride)
+        y = layers.Conv2D(ch(filters), 3, padding="same", use_bias=False)(y)
+        y = layers.BatchNormalization()(y)
+        shortcut = x
+        if stride != 1 or x.shape[-1] != ch(filters):
+            shortcut = layers.Conv2D(ch(filters), 1, strides=stride, use_bias=False)(x)
+            shortcut = layers.BatchNormalization()(shortcut)
+        return layers.ReLU()(layers.Add()([y, shortcut]))
+
+    inputs = keras.Input((None, None, 1), name="radiograph")
+    x2 = conv(inputs, 16, stride=2)                  # 1/2
+    x4 = block(x2, 32, 2)                            # 1/4
+    x8 = block(block(x4, 64, 2), 64, 1)              # 1/8
+    x16 = block(block(x8, 96, 2), 96, 1)             # 1/16
+    x32 = block(x16, 128, 2)                         # 1/32
+    for dilation in (2, 4):
+        x32 = layers.Add()([x32, conv(x32, 128, dilation=dilation)])
+    y = layers.UpSampling2D(interpolation="bilinear")(x32)
+    y = conv(layers.Concatenate()([y, x16]), 96)
+    y = layers.UpSampling2D(interpolation="bilinear")(y)
+    y = conv(layers.Concatenate()([y, x8]), 64)
+    y = layers.UpSampling2D(interpolation="bilinear")(y)
+    y = conv(layers.Concatenate()([y, x4]), 32)
+    h = conv(y, 32)
+    heat = layers.Conv2D(1, 1, activation="sigmoid", name="heatmap",
+                         bias_initializer=keras.initializers.Constant(-2.19))(h)
+    o = conv(y, 32)
+    offsets = layers.Conv2D(8, 1, name="offsets")(o)
+    return keras.Model(inputs, [heat, offsets], name="xray_compact")
+
+
+def save(model, meta: dict, out_dir, name: str = DEFAULT_MODEL) -> Path:
+    meta = dict(meta, architecture=ARCHITECTURE, task=TASK)
+    return model_lib.save(model, meta, out_dir, name)
+
+
+def load(name_or_path=DEFAULT_MODEL):
+    """(keras model, metadata); ModelError with a clear message for anything unusable."""
+    path = model_lib.resolve_model_path(name_or_path)
+    if not path.exists():
+        raise ModelError(f"Model file not found: {path}")
+    if path.is_dir() or path.suffix != ".keras":
+        raise ModelError(f"{path} is not a .keras model file.")
+    meta_path = path.with_suffix(".json")
+    if not meta_path.exists():
+        raise ModelError(f"Model metadata missing: {meta_path} (expected beside {path.name}).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"Model metadata {meta_path} is not valid JSON: {error}") from error
+    if not isinstance(meta, dict) or meta.get("task") != TASK:
+        raise ModelError(f"{path.name} is not an X-ray landmark model ({meta_path} says task "
+                         f"{meta.get('task') if isinstance(meta, dict) else None!r}, expected {TASK!r}).")
+    keras = model_lib._keras()
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a bad file
+        raise ModelError(f"Cannot load model {path}: the file is corrupt or not a Keras model "
+                         f"({type(error).__name__}).") from error
+    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
+    if len(outputs) != 2 or outputs[0].shape[-1] != 1 or outputs[1].shape[-1] != 8:
+        raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets).")
+    return model, meta
