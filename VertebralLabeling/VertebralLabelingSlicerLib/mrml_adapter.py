@@ -248,3 +248,70 @@ def _predicted(node):
                 for p in predicted]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# -- study (BIDS derivative) review ------------------------------------------------------------
+#: Node attributes naming the study item a node belongs to and where its points came from.
+STUDY_ITEM_ATTRIBUTE = "VertebralLabeling.studyItem"
+STUDY_SOURCE_ATTRIBUTE = "VertebralLabeling.studySource"
+
+
+def discs_from_markups_file(path) -> list:
+    """DiscPoints from a .mrk.json, with the confidence and review flag of its descriptions."""
+    from VertebralLabelingLib.export import read_markups_json
+
+    discs = []
+    for label, ras, description in read_markups_json(path):
+        if label not in _VALUE_BY_NAME:
+            continue
+        match = _CONFIDENCE.search(description or "")
+        flagged = "REVIEW:" in (description or "")
+        reason = description.split("REVIEW:", 1)[1].strip() if flagged else ""
+        discs.append(DiscPoint(_VALUE_BY_NAME[label], label, np.asarray(ras, float),
+                               float(match.group(1)) if match else float("nan"), flagged, reason))
+    return sorted(discs, key=lambda disc: disc.value)
+
+
+def load_study_item(scene, item, deriv):
+    """Load one study image and its points (the correction if there is one, else the prediction).
+
+    Returns (volume node, markups node, source) with source "corrected" or "predicted".  The
+    points count as unedited right after loading, so ``node_has_user_edits`` tells whether the
+    reviewer changed anything since.
+    """
+    from VertebralLabelingLib.study import SUFFIX_CORRECTED, SUFFIX_MARKUPS
+    from VertebralLabelingLib.volume import load_volume
+
+    corrected = item.path(deriv, SUFFIX_CORRECTED)
+    source_path = corrected if corrected.exists() else item.path(deriv, SUFFIX_MARKUPS)
+    if not source_path.exists():
+        raise InputError(f"No markups for {item.key} in {deriv} (was the batch run?).")
+    if not item.image.exists():
+        raise InputError(f"Image of {item.key} not found: {item.image}")
+    volume = load_volume(item.image)
+    volume_node = add_volume_node(scene, volume, item.stem)
+    markups = update_markups_node(scene, discs_from_markups_file(source_path), volume_node)
+    markups.SetName(f"{item.stem} discs")
+    source = "corrected" if source_path == corrected else "predicted"
+    markups.SetAttribute(STUDY_ITEM_ATTRIBUTE, item.key)
+    markups.SetAttribute(STUDY_SOURCE_ATTRIBUTE, source)
+    return volume_node, markups, source
+
+
+def save_study_correction(node, item, deriv):
+    """Save the node's points as the item's human-corrected markups; returns the file path.
+
+    Afterwards the node counts as unedited again (its points are saved).
+    """
+    from VertebralLabelingLib.corrections import save_corrected
+    from VertebralLabelingLib.study import SUFFIX_CORRECTED
+
+    discs = discs_from_node(node)
+    if not discs:
+        raise InputError(f'"{node.GetName()}" has no disc points to save.')
+    path = save_corrected(discs, item.path(deriv, SUFFIX_CORRECTED), source_image=item.image)
+    predicted = [{"label": node.GetNthControlPointLabel(i), "position": _position(node, i)}
+                 for i in range(node.GetNumberOfControlPoints())]
+    node.SetAttribute(PREDICTED_ATTRIBUTE, json.dumps(predicted))
+    node.SetAttribute(STUDY_SOURCE_ATTRIBUTE, "corrected")
+    return path
