@@ -67,7 +67,7 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE):
     from scipy import ndimage
 
     h, w = heat.shape
-    local_max = (heat == ndimage.maximum_filter(heat, size=3, mode="constant", cval=-1.0))
+    local_max = (heat == ndimage.maximum_filter(heat, size=3, mode="constant", cval=-1.0)) & (heat > 1e-3)
     ys, xs = np.nonzero(local_max)
     if len(ys) < n:
         raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
@@ -78,7 +78,7 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE):
     centres_y = np.zeros(n)
     for k, (y, x) in enumerate(zip(ys, xs)):
         y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
-        weights = heat[y0:y1, x0:x1] ** 2
+        weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
         cy, cx = np.mgrid[y0:y1, x0:x1]
         cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
         pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]

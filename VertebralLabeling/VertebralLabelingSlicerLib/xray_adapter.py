@@ -310,6 +310,8 @@ def update_cobb_lines(scene, node, cobb, points=None, slice_z: float = 0.0) -> l
                     display.SetPropertiesLabelVisibility(False)
                     display.SetPointLabelsVisibility(False)
                 line.SetLocked(True)
+                for m in range(line.GetNumberOfMeasurements()):  # the angle is the measurement here
+                    line.GetNthMeasurement(m).SetEnabled(False)
                 for _ in range(2):
                     line.AddControlPoint(0.0, 0.0, 0.0)
                 lines.append(line)

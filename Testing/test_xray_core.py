@@ -1,0 +1,272 @@
+"""X-ray core without the trained model: image reading and checks, input geometry, training
+targets and their decoding, the split, exports (markups schema, CSV, angles JSON, QC) and the
+``xray cobb`` command on the real AASCE labels.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import require_path
+from VertebralLabelingLib import cli, xray_data, xray_export
+from VertebralLabelingLib.cobb import cobb_angles
+from VertebralLabelingLib.dataset import data_root
+from VertebralLabelingLib.errors import InputError
+from VertebralLabelingLib.xray_label import cobb_from_points, decode
+
+SCHEMA = Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
+
+
+def spine_points(tilts_deg=None, centre_x=120.0, top=60.0, pitch=30.0, width=36.0, height=22.0,
+                 lateral=None):
+    """17 rectangles (pixel x, y) stacked top to bottom; vertebra k tilted by tilts_deg[k]."""
+    tilts = np.radians(np.zeros(17) if tilts_deg is None else np.asarray(tilts_deg, float))
+    shift = np.zeros(17) if lateral is None else np.asarray(lateral, float)
+    corners = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * [width / 2, height / 2]
+    out = []
+    for k, t in enumerate(tilts):
+        rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+        out.append(corners @ rot.T + [centre_x + shift[k], top + k * pitch])
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def aasce():
+    return require_path(data_root() / "xray-aasce")
+
+
+# -- reading images ----------------------------------------------------------------------------
+def write(tmp_path, array, name, spacing=None, origin=None, vector=False):
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if spacing:
+        image.SetSpacing(spacing)
+    if origin:
+        image.SetOrigin(origin)
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def gradient(rows=300, cols=120, dtype=np.uint8, top=250):
+    return (np.linspace(0, top, rows)[:, None] * np.ones(cols)).astype(dtype)
+
+
+@pytest.mark.parametrize("name,dtype,top", [("a.png", np.uint8, 250), ("b.png", np.uint16, 60000),
+                                            ("c.nrrd", np.uint16, 4000), ("d.jpg", np.uint8, 250),
+                                            ("e.dcm", np.uint16, 4000)])
+def test_reads_8_and_16_bit_formats(tmp_path, name, dtype, top):
+    path = write(tmp_path, gradient(dtype=dtype, top=top), name)
+    radiograph = xray_data.read_radiograph(path)
+    assert radiograph.array.shape == (300, 120) and radiograph.array.dtype == np.float32
+    assert radiograph.array.max() > radiograph.array.min()
+    assert radiograph.name == name.split(".")[0]
+
+
+def test_rgb_becomes_gray(tmp_path):
+    rgb = np.stack([gradient(), gradient(), gradient()], axis=-1)
+    radiograph = xray_data.read_radiograph(write(tmp_path, rgb, "rgb.png", vector=True))
+    np.testing.assert_allclose(radiograph.array, gradient().astype(np.float32), atol=0.01)
+
+
+def test_spacing_and_origin_are_kept(tmp_path):
+    path = write(tmp_path, gradient(dtype=np.uint16), "s.nrrd", spacing=(0.2, 0.3), origin=(5.0, -7.0))
+    radiograph = xray_data.read_radiograph(path)
+    assert radiograph.spacing == pytest.approx((0.2, 0.3)) and radiograph.origin == pytest.approx((5, -7))
+    np.testing.assert_allclose(radiograph.pixel_to_physical([[10, 20]]), [[7.0, -1.0]])
+    np.testing.assert_allclose(radiograph.physical_to_pixel([[7.0, -1.0]]), [[10, 20]])
+
+
+def test_single_slice_3d_image_is_accepted(tmp_path):
+    path = write(tmp_path, gradient(dtype=np.int16)[None], "slice.nrrd", spacing=(0.5, 0.5, 1.0),
+                 origin=(0.0, 0.0, 12.0))
+    radiograph = xray_data.read_radiograph(path)
+    assert radiograph.array.shape == (300, 120) and radiograph.slice_z == 12.0
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.random.default_rng(0).random((20, 300, 120)).astype(np.float32), "3D volume"),
+    (np.zeros((300, 120), np.uint8), "empty"),
+    (np.full((300, 120), 7, np.uint8), "empty"),
+    (gradient(rows=40, cols=30), "too small"),
+])
+def test_bad_images_are_refused(tmp_path, array, message):
+    path = write(tmp_path, array, "bad.nrrd")
+    with pytest.raises(InputError, match=message):
+        xray_data.read_radiograph(path)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="Cannot read"):
+        xray_data.read_radiograph(junk)
+    with pytest.raises(InputError, match="No such file"):
+        xray_data.read_radiograph(tmp_path / "missing.jpg")
+
+
+# -- geometry, targets, decoding ---------------------------------------------------------------
+def test_prepare_input_geometry_maps_points_exactly():
+    """Bright dots at known pixels land where the input->pixel matrix says they are."""
+    rows, cols = 2000, 700
+    array = np.full((rows, cols), 0.3, np.float32)
+    array[0, 0] = 0.0
+    dots = np.array([[350.0, 1000.0], [100.0, 300.0], [600.0, 1800.0]])
+    for x, y in dots.astype(int):
+        array[y - 6: y + 6, x - 6: x + 6] = 1.0  # centre at x - 0.5, y - 0.5
+    image, matrix = xray_data.prepare_input(xray_data.Radiograph(array))
+    assert image.shape == xray_data.INPUT_SHAPE
+    from scipy import ndimage
+
+    labels, n = ndimage.label(image > 0.2)
+    found = np.array(ndimage.center_of_mass(image, labels, range(1, n + 1)))[:, ::-1]
+    back = xray_data.apply(matrix, found)
+    for dot in dots - 0.5:
+        assert np.min(np.linalg.norm(back - dot, axis=1)) < 1.5  # original pixels
+
+
+def test_targets_decode_back_to_the_points():
+    """The training targets, read by the inference decoder, give the same 68 corners."""
+    pts = spine_points(np.linspace(-10, 12, 17), centre_x=160, top=40, pitch=33,
+                       lateral=20 * np.sin(np.linspace(0, 3, 17)))
+    heat, offsets, mask = xray_data.targets(pts)
+    assert heat.shape == (160, 80, 1) and offsets.shape == (160, 80, 8) and mask.max() == 1
+    corners, peaks = decode(heat[..., 0], offsets)
+    np.testing.assert_allclose(corners, pts, atol=1e-6)
+    assert peaks.min() == 1.0
+
+
+def test_augmentation_keeps_points_on_the_image():
+    """A dot drawn at a landmark is still under the landmark after a random transform."""
+    rng = np.random.default_rng(3)
+    cache = np.zeros(xray_data.CACHE_SHAPE, np.uint8)
+    pts = spine_points(centre_x=224, top=50, pitch=32)
+    for x, y in pts[::4].astype(int):  # TL corners
+        cache[y - 2: y + 3, x - 2: x + 3] = 255
+    for _ in range(3):
+        image, moved = xray_data.training_sample(cache, pts, rng, strength=0.0 + 1e-9)
+        for x, y in np.round(moved[::4]).astype(int):
+            assert image[y - 1: y + 2, x - 1: x + 2].max() > 0.5
+
+
+def test_decode_needs_17_peaks():
+    with pytest.raises(InputError, match="candidates"):
+        decode(np.zeros((160, 80)), np.zeros((160, 80, 8)))
+
+
+def test_split_is_fixed_and_patient_level(aasce):
+    aset = xray_data.load_aasce(data_dir=aasce)
+    train, val = xray_data.split_names(aset.names)
+    assert len(train) + len(val) == len(aset.names) == 481
+    assert 70 <= len(val) <= 95 and not set(train) & set(val)
+    assert not {xray_data.patient_key(n) for n in train} & {xray_data.patient_key(n) for n in val}
+    assert xray_data.split_names(list(reversed(aset.names)))[1] == list(reversed(val))
+    assert xray_data.patient_key("sunhl-1th-02-Jan-2017-162 A AP.jpg") == \
+        xray_data.patient_key("sunhl-1th-02-Jan-2017-162 B AP.jpg")
+
+
+# -- Cobb from points ----------------------------------------------------------------------------
+def test_straight_spine_and_known_tilt_with_anisotropic_spacing():
+    radiograph = xray_data.Radiograph(np.zeros((700, 260), np.float32), spacing=(0.5, 0.5))
+    assert max(cobb_from_points(spine_points(), radiograph).angles_deg) < 1e-6
+    tilts = np.zeros(17)
+    tilts[4], tilts[13] = 12.0, -8.0  # T5 and L2
+    res = cobb_from_points(spine_points(tilts), radiograph)
+    assert res.angles_deg[0] == pytest.approx(20.0, abs=0.01) and res.end_vertebrae[0] == ("T5", "L2")
+    # Pixels twice as tall as wide: a 20 deg tilt in pixels is atan(2 tan 20) in millimetres.
+    tilted = np.zeros(17)
+    tilted[8] = 20.0
+    tall = xray_data.Radiograph(np.zeros((700, 260), np.float32), spacing=(0.2, 0.4))
+    expected = np.degrees(np.arctan(2 * np.tan(np.radians(20.0))))
+    assert cobb_from_points(spine_points(tilted), tall).angles_deg[0] == pytest.approx(expected, abs=0.01)
+
+
+# -- exports --------------------------------------------------------------------------------------
+def test_markups_json_is_valid_and_reads_back(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    pts = spine_points() * 0.3 + [4.0, -9.0]
+    confidence = np.linspace(0.1, 1.0, 17)
+    path = tmp_path / "x.mrk.json"
+    xray_export.write_markups_json(pts, path, confidence, slice_z=2.5)
+    data = json.loads(path.read_text())
+    jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    points = data["markups"][0]["controlPoints"]
+    assert [p["label"] for p in points][:5] == ["T1-TL", "T1-TR", "T1-BL", "T1-BR", "T2-TL"]
+    assert points[-1]["label"] == "L5-BR" and len(points) == 68
+    assert points[0]["position"] == pytest.approx([pts[0, 0], pts[0, 1], 2.5])
+    assert "REVIEW" in points[0]["description"] and not points[0]["selected"]
+    np.testing.assert_allclose(xray_export.read_markups_json(path), pts)
+
+
+def test_read_markups_needs_all_68(tmp_path):
+    path = tmp_path / "x.mrk.json"
+    xray_export.write_markups_json(spine_points(), path)
+    data = json.loads(path.read_text())
+    del data["markups"][0]["controlPoints"][7]
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="T2-BR"):
+        xray_export.read_markups_json(path)
+
+
+def test_csv_angles_json_and_qc(tmp_path):
+    tilts = np.zeros(17)
+    tilts[6] = 15.0
+    pts = spine_points(tilts)
+    cobb = cobb_angles(pts, image_height=700)
+    xray_export.write_csv(pts, tmp_path / "p.csv", pts, np.ones(17))
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].startswith("label,vertebra,corner,x,y") and len(lines) == 69
+    assert lines[5].split(",")[:3] == ["T2-TL", "T2", "TL"]
+    xray_export.write_angles_json(cobb, tmp_path / "a.json", {"image": "x"})
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["angles_deg"][0] == pytest.approx(15.0, abs=0.01)
+    assert data["curves"][0]["upper_end_vertebra"] == "T1" and data["curves"][0]["lower_end_vertebra"] == "T7"
+    xray_export.write_qc_png(np.random.default_rng(0).random((700, 260)), pts, cobb, tmp_path / "q.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "q.png") as im:
+        assert im.size[1] == 1000 and im.mode == "RGB"
+
+
+# -- command line: manual mode and Cobb from ground truth -----------------------------------------
+def test_cli_label_from_markups_manual_mode(tmp_path, capsys):
+    image = tmp_path / "xr.png"
+    sitk.WriteImage(sitk.GetImageFromArray(gradient(700, 260)), str(image))
+    tilts = np.zeros(17)
+    tilts[3], tilts[10] = -6.0, 9.0
+    xray_export.write_markups_json(spine_points(tilts), tmp_path / "in.mrk.json")
+    argv = ["xray", "label", str(image), "--markups", str(tmp_path / "in.mrk.json"),
+            "--json", str(tmp_path / "a.json"), "--qc", str(tmp_path / "q.png")]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["angles_deg"][0] == pytest.approx(15.0, abs=0.01)
+    assert cli.main(argv) == 2  # outputs exist: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(argv + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["xray", "label", "missing.png", "-o", "OUT/x.mrk.json"], "No such file"),
+    (["xray", "label", "x.png", "-o", "OUT/x.json"], ".mrk.json"),
+    (["xray", "label", "x.png"], "Nothing to write"),
+    (["xray", "cobb", "--images", "nope", "--labels", "nope", "--json", "OUT/c.json"], "No such folder"),
+])
+def test_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+
+
+def test_cli_cobb_reproduces_angles_csv(aasce, tmp_path, capsys):
+    out = tmp_path / "cobb.json"
+    assert cli.main(["xray", "cobb", "--images", str(aasce / "images"), "--labels",
+                     str(aasce / "labels"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    print(f"\nCobb from ground truth, {data['n_images']} images: median |delta| "
+          f"{data['median_abs_diff_deg']:.4f}, p90 {data['p90_abs_diff_deg']:.4f}, "
+          f"max {data['max_abs_diff_deg']:.4f} deg")
+    assert data["n_images"] == 481
+    assert data["median_abs_diff_deg"] <= 0.5 and data["max_abs_diff_deg"] < 0.1
+    assert all(len(r["end_vertebrae"]) == 3 for r in data["images"])
