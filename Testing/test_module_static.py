@@ -210,3 +210,25 @@ def test_icons_are_small_128px_pngs(path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (128, 128)
     assert len(data) < 50_000
+
+
+def test_study_panel_widgets_and_logic(module_tree, ui_root):
+    """The study review panel: folder, subject list, previous/next, save correction; the Logic
+    methods it calls exist (their MRML side is tested in test_study_mrml.py)."""
+    widgets = ui_widgets(ui_root)
+    expected = {"studyCollapsibleButton": "ctkCollapsibleButton",
+                "studyDirectoryButton": "ctkDirectoryButton", "studySubjectComboBox": "QComboBox",
+                "studyPreviousButton": "QPushButton", "studyNextButton": "QPushButton",
+                "studySaveButton": "QPushButton", "studyStatusLabel": "QLabel"}
+    for name, cls in expected.items():
+        assert name in widgets and widgets[name].get("class") == cls, name
+    custom = {c.findtext("class"): c.findtext("header") for c in ui_root.iter("customwidget")}
+    assert custom.get("ctkDirectoryButton") == "ctkDirectoryButton.h"
+    classes = {n.name: n for n in module_tree.body if isinstance(n, ast.ClassDef)}
+    logic = {n.name for n in classes["VertebralLabelingLogic"].body if isinstance(n, ast.FunctionDef)}
+    assert {"openStudy", "loadStudyItem", "closeStudyItem", "studyHasUnsavedEdits",
+            "saveStudyCorrection"} <= logic
+    widget = {n.name for n in classes["VertebralLabelingWidget"].body if isinstance(n, ast.FunctionDef)}
+    assert {"onStudyDirectory", "onStudySubject", "onStudySave", "askToSaveStudyEdits"} <= widget
+    tests = {n.name for n in classes["VertebralLabelingTest"].body if isinstance(n, ast.FunctionDef)}
+    assert "test_StudyReview" in tests

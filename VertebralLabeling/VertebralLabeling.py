@@ -124,6 +124,11 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.exportJsonButton.connect("clicked(bool)", self.onExportJson)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.exportNiftiButton.connect("clicked(bool)", self.onExportNifti)
+        self.ui.studyDirectoryButton.connect("directoryChanged(QString)", self.onStudyDirectory)
+        self.ui.studySubjectComboBox.connect("currentIndexChanged(int)", self.onStudySubject)
+        self.ui.studyPreviousButton.connect("clicked(bool)", self.onStudyPrevious)
+        self.ui.studyNextButton.connect("clicked(bool)", self.onStudyNext)
+        self.ui.studySaveButton.connect("clicked(bool)", self.onStudySave)
 
         self.initializeParameterNode()
 
@@ -330,6 +335,100 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.errorDisplay(f"Could not save {path}: {error}",
                                      windowTitle="Vertebral Labeling")
 
+    # -- study review (a BIDS derivative written by `vertebral-labeling batch`) ---------------
+    def onStudyDirectory(self, path) -> None:
+        """List the study's images and load the first one."""
+        from VertebralLabelingLib.errors import VertebralLabelingError
+
+        if not self.askToSaveStudyEdits():
+            return
+        try:
+            keys = self.logic.openStudy(path)
+        except VertebralLabelingError as error:
+            self.ui.studyStatusLabel.text = str(error)
+            self._fillStudyCombo([])
+            return
+        self._fillStudyCombo(keys)
+        self.onStudySubject(0)
+
+    def _fillStudyCombo(self, keys) -> None:
+        combo = self.ui.studySubjectComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for key in keys:
+            combo.addItem(key)
+        combo.blockSignals(wasBlocked)
+        self._updateStudyButtons()
+
+    def onStudyPrevious(self) -> None:
+        self.onStudyStep(-1)
+
+    def onStudyNext(self) -> None:
+        self.onStudyStep(1)
+
+    def onStudyStep(self, step) -> None:
+        combo = self.ui.studySubjectComboBox
+        index = combo.currentIndex + step
+        if 0 <= index < combo.count:
+            combo.currentIndex = index  # -> onStudySubject
+
+    def onStudySubject(self, index) -> None:
+        """Load the image and its points (the saved correction if any) of study entry ``index``."""
+        from VertebralLabelingLib.errors import VertebralLabelingError
+
+        if index < 0 or index == self.logic.studyIndex:
+            return
+        if not self.askToSaveStudyEdits():
+            combo = self.ui.studySubjectComboBox
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = self.logic.studyIndex
+            combo.blockSignals(wasBlocked)
+            return
+        try:
+            volumeNode, markupsNode, source = self.logic.loadStudyItem(index)
+        except VertebralLabelingError as error:
+            self.ui.studyStatusLabel.text = f"Cannot load: {error}"
+            return
+        self._parameterNode.inputVolume = volumeNode
+        self._parameterNode.outputMarkups = markupsNode
+        self.updateResultsTable(markupsNode)
+        self.showResult(volumeNode, markupsNode)
+        self.ui.studyStatusLabel.text = self.logic.studyItemText()
+        if self.ui.studySubjectComboBox.currentIndex != index:
+            self.ui.studySubjectComboBox.currentIndex = index
+        self._updateStudyButtons()
+
+    def onStudySave(self) -> None:
+        from VertebralLabelingLib.errors import VertebralLabelingError
+
+        try:
+            path = self.logic.saveStudyCorrection()
+        except (VertebralLabelingError, OSError) as error:
+            slicer.util.errorDisplay(f"Could not save the correction: {error}",
+                                     windowTitle="Vertebral Labeling")
+            return
+        self.ui.studyStatusLabel.text = f"Saved {path}"
+
+    def askToSaveStudyEdits(self) -> bool:
+        """Before leaving a subject with unsaved corrections: save, discard, or stay (False)."""
+        if not self.logic.studyHasUnsavedEdits():
+            return True
+        answer = qt.QMessageBox.question(
+            slicer.util.mainWindow(), "Vertebral Labeling",
+            "You moved points of this subject. Save them as its correction before moving on?",
+            qt.QMessageBox.Save | qt.QMessageBox.Discard | qt.QMessageBox.Cancel)
+        if answer == qt.QMessageBox.Cancel:
+            return False
+        if answer == qt.QMessageBox.Save:
+            self.onStudySave()
+        return True
+
+    def _updateStudyButtons(self) -> None:
+        count, index = self.ui.studySubjectComboBox.count, self.logic.studyIndex
+        self.ui.studyPreviousButton.enabled = index > 0
+        self.ui.studyNextButton.enabled = 0 <= index < count - 1
+        self.ui.studySaveButton.enabled = index >= 0
+
 
 #
 # VertebralLabelingLogic
@@ -347,6 +446,10 @@ class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
         self.modelName = "compact"
         self._labelers = {}
         self.lastResult = None
+        self.studyDir = None
+        self.studyEntries = []
+        self.studyIndex = -1
+        self._studyNodes = []
 
     def getParameterNode(self):
         return VertebralLabelingParameterNode(super().getParameterNode())
@@ -422,6 +525,61 @@ class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
         text += f"; review: {', '.join(flagged)}" if flagged else "; none flagged"
         return " ".join([text] + list(result.warnings))
 
+    # -- study review ----------------------------------------------------------------------
+    def openStudy(self, derivDir) -> list:
+        """Read a batch derivative folder; returns the keys of its images (nothing loaded yet)."""
+        from VertebralLabelingLib.study import study_entries
+
+        entries = study_entries(derivDir)
+        self.closeStudyItem()
+        self.studyDir, self.studyEntries, self.studyIndex = derivDir, entries, -1
+        return [item.key for item, _ in entries]
+
+    def loadStudyItem(self, index, scene=None):
+        """Replace the current study subject's nodes by entry ``index``'s volume and points."""
+        from VertebralLabelingSlicerLib import mrml_adapter
+
+        item = self.studyEntries[index][0]
+        scene = scene or slicer.mrmlScene
+        self.closeStudyItem(scene)
+        volumeNode, markupsNode, source = mrml_adapter.load_study_item(scene, item, self.studyDir)
+        self._studyNodes = [volumeNode, markupsNode]
+        self.studyIndex = index
+        return volumeNode, markupsNode, source
+
+    def closeStudyItem(self, scene=None) -> None:
+        scene = scene or slicer.mrmlScene
+        for node in self._studyNodes:
+            if node is not None and node.GetScene() is scene:
+                scene.RemoveNode(node)
+        self._studyNodes = []
+
+    def studyHasUnsavedEdits(self) -> bool:
+        from VertebralLabelingSlicerLib import mrml_adapter
+
+        if len(self._studyNodes) < 2 or self._studyNodes[1].GetScene() is None:
+            return False
+        return mrml_adapter.node_has_user_edits(self._studyNodes[1])
+
+    def saveStudyCorrection(self):
+        """Save the current subject's points as its human correction; returns the file path."""
+        from VertebralLabelingLib.errors import InputError
+        from VertebralLabelingSlicerLib import mrml_adapter
+
+        if self.studyIndex < 0 or len(self._studyNodes) < 2:
+            raise InputError("Open a study folder and a subject first.")
+        item = self.studyEntries[self.studyIndex][0]
+        return mrml_adapter.save_study_correction(self._studyNodes[1], item, self.studyDir)
+
+    def studyItemText(self) -> str:
+        if self.studyIndex < 0:
+            return ""
+        item, record = self.studyEntries[self.studyIndex]
+        source = self._studyNodes[1].GetAttribute("VertebralLabeling.studySource") if self._studyNodes else ""
+        flagged = [d["name"] for d in record.get("discs") or [] if d.get("flagged")]
+        text = f"{item.key} ({self.studyIndex + 1}/{len(self.studyEntries)}): {source} points"
+        return text + (f"; flagged: {', '.join(flagged)}" if flagged else "")
+
     @staticmethod
     def export(markupsNode, path, kind, volumeNode=None) -> None:
         """Write the node's current points with the core writers (json, csv or nifti)."""
@@ -453,6 +611,8 @@ class VertebralLabelingTest(ScriptedLoadableModuleTest):
         self.test_EditsAreProtected()
         self.setUp()
         self.test_VertebralLabeling1()
+        self.setUp()
+        self.test_StudyReview()
 
     def _phantomNode(self):
         from VertebralLabelingLib.phantom import make_phantom
@@ -506,3 +666,39 @@ class VertebralLabelingTest(ScriptedLoadableModuleTest):
             logic.process(volumeNode, node)
         self.assertEqual(logic.process(volumeNode, node, overwriteEdits=True).GetID(), node.GetID())
         self.delayDisplay("Edit protection passed")
+
+    def test_StudyReview(self):
+        """Study panel logic: batch two phantoms, open the derivative, correct one, save it."""
+        import tempfile
+        from pathlib import Path
+
+        from VertebralLabelingLib.phantom import make_phantom
+        from VertebralLabelingLib.study import run_batch
+        from VertebralLabelingLib.volume import write_image_atomic
+
+        self.delayDisplay("Study review on a two-phantom study")
+        root = Path(tempfile.mkdtemp(prefix="VertebralLabelingStudy"))
+        for seed in (0, 1):
+            volume, _ = make_phantom(seed=seed)
+            write_image_atomic(volume.to_sitk(),
+                               root / "bids" / f"sub-p{seed}" / "anat" / f"sub-p{seed}_T2w.nii.gz")
+        run_batch(root / "bids", root / "deriv")
+        logic = VertebralLabelingLogic()
+        self.assertEqual(logic.openStudy(str(root / "deriv")), ["sub-p0_T2w", "sub-p1_T2w"])
+        volumeNode, markupsNode, source = logic.loadStudyItem(1)
+        self.assertEqual(source, "predicted")
+        self.assertEqual(markupsNode.GetNumberOfControlPoints(), 6)
+        self.assertFalse(logic.studyHasUnsavedEdits())
+        markupsNode.SetNthControlPointPositionWorld(0, 1.0, 2.0, 3.0)
+        self.assertTrue(logic.studyHasUnsavedEdits())
+        path = logic.saveStudyCorrection()
+        self.assertTrue(str(path).endswith("sub-p1_T2w_desc-corrected_discs.mrk.json"))
+        self.assertFalse(logic.studyHasUnsavedEdits())
+        logic.loadStudyItem(0)
+        self.assertIsNone(volumeNode.GetScene())  # the previous subject's nodes are removed
+        _, markupsNode, source = logic.loadStudyItem(1)
+        self.assertEqual(source, "corrected")
+        position = [0.0, 0.0, 0.0]
+        markupsNode.GetNthControlPointPositionWorld(0, position)
+        self.assertLess(sum((p - q) ** 2 for p, q in zip(position, (1.0, 2.0, 3.0))), 1e-6)
+        self.delayDisplay("Study review passed")
