@@ -270,3 +270,51 @@ def test_cli_cobb_reproduces_angles_csv(aasce, tmp_path, capsys):
     assert data["n_images"] == 481
     assert data["median_abs_diff_deg"] <= 0.5 and data["max_abs_diff_deg"] < 0.1
     assert all(len(r["end_vertebrae"]) == 3 for r in data["images"])
+
+
+# -- test-time flip and tilt smoothing ------------------------------------------------------------
+def mirrored(points, width=xray_data.INPUT_SHAPE[1]):
+    """The same spine in the horizontally mirrored input: x -> W-1-x, left/right corners swap."""
+    c = np.asarray(points, float).reshape(17, 4, 2)[:, [1, 0, 3, 2]].copy()
+    c[..., 0] = width - 1 - c[..., 0]
+    return c.reshape(-1, 2)
+
+
+def test_flip_averaging_maps_the_mirrored_output_back():
+    from VertebralLabelingLib.xray_label import XrayLabeler
+
+    pts = spine_points(np.linspace(-8, 10, 17), centre_x=150, top=50, pitch=32,
+                       lateral=15 * np.sin(np.linspace(0, 3, 17)))
+    labeler = XrayLabeler(model=None, meta={"tta_flip": True})
+    seen = []
+
+    def network(batch):
+        seen.append(batch.shape)
+        outs = [xray_data.targets(p) for p in (pts, mirrored(pts))][: len(batch)]
+        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+
+    labeler._network = network
+    corners, peaks = labeler.predict_input(np.zeros(xray_data.INPUT_SHAPE, np.float32))
+    assert seen == [(2,) + xray_data.INPUT_SHAPE + (1,)]
+    np.testing.assert_allclose(corners, pts, atol=1e-6)
+
+
+def test_tilt_smoothing():
+    from VertebralLabelingLib.xray_label import smooth_tilts, vertebra_tilts
+
+    straight = spine_points()
+    np.testing.assert_allclose(smooth_tilts(straight, 0.5), straight, atol=1e-9)
+    linear = spine_points(np.linspace(-10, 10, 17))  # constant tilt change: interior kept
+    smoothed = smooth_tilts(linear, 0.5)
+    np.testing.assert_allclose(smoothed[4:-4], linear[4:-4], atol=1e-9)
+    noisy = np.zeros(17)
+    noisy[8] = 6.0
+    tilts = np.degrees(vertebra_tilts(smooth_tilts(spine_points(noisy), 0.5)))
+    assert tilts[8] == pytest.approx(3.0, abs=1e-6) and tilts[7] == pytest.approx(1.5, abs=1e-6)
+    assert abs(tilts[5]) < 1e-9
+    # centres and vertebra size are kept
+    c0 = spine_points(noisy).reshape(17, 4, 2)
+    c1 = smooth_tilts(spine_points(noisy), 0.5).reshape(17, 4, 2)
+    np.testing.assert_allclose(c0.mean(axis=1), c1.mean(axis=1), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(c0[:, 1] - c0[:, 0], axis=1),
+                               np.linalg.norm(c1[:, 1] - c1[:, 0], axis=1), atol=1e-9)

@@ -108,3 +108,8 @@ def load(name_or_path=DEFAULT_MODEL):
     if len(outputs) != 2 or outputs[0].shape[-1] != 1 or outputs[1].shape[-1] != 8:
         raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets).")
     return model, meta
+
+
+def models_dir_file(filename: str) -> Path:
+    """A file of the bundled models folder (e.g. 'xray-compact.json')."""
+    return model_lib.models_dir() / filename

@@ -1,0 +1,178 @@
+"""The shipped X-ray landmark model on real radiographs of the held-out validation split, the
+``xray label`` / ``xray evaluate`` commands end to end, geometry with pixel spacing, and bad
+model files.
+
+The accuracy floors are set from the measured validation numbers of the shipped model (see
+``VertebralLabeling/Resources/Models/xray-compact.md``) with a margin, so a real regression (a
+broken decoder, a wrong geometry, a retrained worse model) fails them.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import require_path
+from VertebralLabelingLib import cli, xray_data
+from VertebralLabelingLib.dataset import data_root
+from VertebralLabelingLib.errors import ModelError
+from VertebralLabelingLib.xray_evaluate import smape
+
+#: Validation images used here (the first N of the fixed patient-level validation split).
+N_IMAGES = 6
+#: Floors: mean SMAPE (%) and mean corner error (original pixels) over those images.
+MAX_SMAPE = 25.0
+MAX_CORNER_ERROR_PX = 40.0
+
+
+@pytest.fixture(scope="module")
+def aasce():
+    return require_path(data_root() / "xray-aasce")
+
+
+@pytest.fixture(scope="module")
+def xray_labeler():
+    from VertebralLabelingLib.xray_label import XrayLabeler
+
+    return XrayLabeler.load("xray-compact")
+
+
+@pytest.fixture(scope="module")
+def validation(aasce):
+    aset = xray_data.load_aasce(data_dir=aasce)
+    _, val = xray_data.split_names(aset.names)
+    return aset, aset.indices_of(val[:N_IMAGES])
+
+
+@pytest.fixture(scope="module")
+def labeled(xray_labeler, validation):
+    aset, indices = validation
+    out = []
+    for index in indices:
+        radiograph = xray_data.read_radiograph(aset.image_path(index))
+        out.append((index, radiograph, xray_labeler.label(radiograph)))
+    return out
+
+
+def test_model_metadata_and_size(xray_labeler):
+    meta = xray_labeler.meta
+    assert meta["task"] == "xray-vertebral-corners" and meta["input_shape"] == list(xray_data.INPUT_SHAPE)
+    assert meta["parameters"] < 5_000_000
+    # the validation files were never trained on
+    aset_names = meta["validation_files"]
+    assert len(aset_names) == meta["n_val"] and meta["n_train"] + meta["n_val"] == 481
+
+
+def test_accuracy_floor_on_validation_radiographs(labeled, validation):
+    aset, _ = validation
+    smapes, errors = [], []
+    for index, radiograph, result in labeled:
+        truth_px = aset.landmarks[index] * [radiograph.width, radiograph.height]
+        errors.append(np.linalg.norm(result.points_px - truth_px, axis=1).mean())
+        smapes.append(smape(result.cobb.angles_deg, aset.angles[index]))
+        assert result.points_px.shape == (68, 2)
+        # T1..L5 go top to bottom, left corners left of right corners
+        centres = result.points_px.reshape(17, 4, 2).mean(axis=1)
+        assert np.all(np.diff(centres[:, 1]) > 0)
+        corners = result.points_px.reshape(17, 4, 2)
+        assert np.all(corners[:, 1, 0] > corners[:, 0, 0]) and np.all(corners[:, 3, 0] > corners[:, 2, 0])
+    print(f"\n{len(smapes)} validation radiographs: SMAPE {np.mean(smapes):.1f} %, "
+          f"corner error {np.mean(errors):.1f} px")
+    assert np.mean(smapes) <= MAX_SMAPE
+    assert np.mean(errors) <= MAX_CORNER_ERROR_PX
+
+
+def test_inference_time(xray_labeler, labeled):
+    _, radiograph, _ = labeled[0]
+    times = []
+    for _ in range(3):
+        times.append(xray_labeler.label(radiograph).seconds)
+    print(f"\nseconds per radiograph (model loaded): {np.median(times):.3f}")
+    assert np.median(times) < 2.0  # 1 s on an idle 2-core machine; margin for a busy CI box
+
+
+def test_spacing_origin_16_bit_and_rgb_give_the_same_corners(labeled, xray_labeler, tmp_path):
+    """The same radiograph as 16-bit NRRD with 0.2 x 0.25 mm pixels and an origin, and as RGB
+    PNG: the corners are the same pixels, mapped to physical space with spacing and origin."""
+    _, radiograph, result = labeled[0]
+    array16 = (radiograph.array.astype(np.uint16) * 257)
+    image = sitk.GetImageFromArray(array16)
+    image.SetSpacing((0.2, 0.25))
+    image.SetOrigin((-40.0, 15.0))
+    path = tmp_path / "xr16.nrrd"
+    sitk.WriteImage(image, str(path))
+    result16 = xray_labeler.label(xray_data.read_radiograph(path))
+    np.testing.assert_allclose(result16.points_px, result.points_px, atol=0.5)
+    np.testing.assert_allclose(result16.points, result.points_px * [0.2, 0.25] + [-40.0, 15.0], atol=0.15)
+    rgb = np.repeat(radiograph.array.astype(np.uint8)[..., None], 3, axis=2)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "rgb.png"))
+    result_rgb = xray_labeler.label(xray_data.read_radiograph(tmp_path / "rgb.png"))
+    np.testing.assert_allclose(result_rgb.points_px, result.points_px, atol=0.5)
+
+
+def test_cli_label_writes_all_outputs(validation, tmp_path, capsys):
+    aset, indices = validation
+    image = aset.image_path(indices[0])  # a file name with spaces
+    out = tmp_path / "out dir"
+    argv = ["xray", "label", str(image), "-o", str(out / "x.mrk.json"), "--json", str(out / "a.json"),
+            "--csv", str(out / "p.csv"), "--qc", str(out / "qc.png")]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "PT" in printed and "labeled in" in printed
+    markups = json.loads((out / "x.mrk.json").read_text())
+    points = markups["markups"][0]["controlPoints"]
+    assert len(points) == 68 and points[28]["label"] == "T8-TL"
+    angles = json.loads((out / "a.json").read_text())
+    assert len(angles["angles_deg"]) == 3 and len(angles["curves"]) == 3
+    assert all(c["upper_end_vertebra"] in xray_data.VERTEBRA_NAMES for c in angles["curves"])
+    assert len((out / "p.csv").read_text().splitlines()) == 69
+    assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(argv) == 2  # never overwritten without --overwrite
+
+
+def test_cli_evaluate_on_the_validation_split(aasce, tmp_path):
+    out = tmp_path / "eval.json"
+    assert cli.main(["xray", "evaluate", "--images", str(aasce / "images"), "--labels",
+                     str(aasce / "labels"), "--split", "val", "--limit", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["n_images"] == 2 and data["split"] == "val"
+    for key in ("smape", "landmark_mean_error_px", "seconds_per_case"):
+        assert np.isfinite(data[key]) and data[key] >= 0
+    assert set(data["mae_deg"]) == {"PT", "MT", "TL/L"}
+
+
+# -- bad model files -----------------------------------------------------------------------------
+def test_corrupt_model_file(tmp_path, capsys):
+    from VertebralLabelingLib.xray_label import XrayLabeler
+    from VertebralLabelingLib.xray_model import models_dir_file
+
+    (tmp_path / "bad.keras").write_bytes(b"this is not a zip file")
+    shutil.copy(models_dir_file("xray-compact.json"), tmp_path / "bad.json")
+    with pytest.raises(ModelError, match="corrupt"):
+        XrayLabeler.load(tmp_path / "bad.keras")
+    image = tmp_path / "x.png"
+    sitk.WriteImage(sitk.GetImageFromArray((np.arange(300 * 120).reshape(300, 120) % 251).astype(np.uint8)),
+                    str(image))
+    assert cli.main(["xray", "label", str(image), "-o", str(tmp_path / "o.mrk.json"),
+                     "--model", str(tmp_path / "bad.keras")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "o.mrk.json").exists()
+
+
+def test_wrong_kind_of_model(tmp_path):
+    from VertebralLabelingLib.xray_label import XrayLabeler
+    from VertebralLabelingLib.xray_model import models_dir_file
+
+    shutil.copy(models_dir_file("xray-compact.keras"), tmp_path / "mri.keras")
+    (tmp_path / "mri.json").write_text(json.dumps({"architecture": "compact"}))
+    with pytest.raises(ModelError, match="not an X-ray landmark model"):
+        XrayLabeler.load(tmp_path / "mri.keras")
+    with pytest.raises(ModelError, match="not found"):
+        XrayLabeler.load(tmp_path / "missing.keras")
+    (tmp_path / "nometa.keras").write_bytes(b"x")
+    with pytest.raises(ModelError, match="metadata missing"):
+        XrayLabeler.load(tmp_path / "nometa.keras")
+    with pytest.raises(ModelError, match="not found"):
+        XrayLabeler.load("no-such-bundled-model")
