@@ -215,3 +215,17 @@ def test_slurm_array_script_labels_disjoint_shards(tmp_path, mri_bids):
     assert run_cli("study-report", "--bids", mri_bids, "--out", deriv) == 0  # ...built once at the end
     assert (deriv / "qc" / "index.html").exists()
     assert {r["subject"] for r in table(deriv)} == {"sub-errsm20", "sub-sctcrop"}
+
+
+def test_progress_bar_shows_rate_and_eta():
+    import io
+
+    from VertebralLabelingLib.study import Progress
+
+    stream = io.StringIO()
+    bar = Progress(4, stream, width=8)
+    assert "0/4" in bar.line() and "ETA --:--" in bar.line()
+    bar.start -= 10.0  # 10 s ago
+    bar.step("sub-a ok")
+    line = stream.getvalue().strip()
+    assert line.startswith("[##......] 1/4 0.10 vol/s") and "ETA 00:30" in line and line.endswith("sub-a ok")
