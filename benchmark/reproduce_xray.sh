@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Reproduce the shipped X-ray landmark model and its measured numbers (2 CPU cores, ~1 h).
+# Data: ../shared/data/xray-aasce (override with VERTEBRAL_LABELING_DATA). Outputs go to runs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${VERTEBRAL_LABELING_DATA:-../shared/data}/xray-aasce"
+VL=.venv/bin/vertebral-labeling
+export TF_CPP_MIN_LOG_LEVEL=2
+
+# 1. Cobb angles from the ground-truth landmarks vs angles.csv (all 481 images)
+$VL xray cobb --images "$DATA/images" --labels "$DATA/labels" --json runs/xray_cobb_gt.json --overwrite
+
+# 2. Train (fixed seed 0, fixed patient-level split, 45 min wall-clock budget)
+$VL xray train --data "$DATA" --out runs/xray_model --time-budget-min 45 --seed 0
+
+# 3. Post-processing options, chosen on 80 training images (never on validation)
+.venv/bin/python benchmark/xray_postprocessing.py runs/xray_model/xray-compact.keras --json runs/xray_post.json
+
+# 4. Validation metrics of the shipped model (84 images of the held-out patients)
+$VL xray evaluate --images "$DATA/images" --labels "$DATA/labels" --split val \
+    --json runs/xray_eval_val.json --overwrite
