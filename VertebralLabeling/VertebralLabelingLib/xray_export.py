@@ -128,6 +128,12 @@ def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 
 
     from .xray_data import normalize
 
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.load_default(size=max(11, height // 60))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
     gray = (normalize(np.asarray(array, np.float32)) * 255).astype(np.uint8)
     scale = height / gray.shape[0]
     width = max(1, int(round(gray.shape[1] * scale)))
@@ -142,7 +148,7 @@ def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 
         draw.line([tuple(tl), tuple(tr), tuple(br), tuple(bl), tuple(tl)], fill=colour, width=1)
         for p in (tl, tr, bl, br):
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
-        draw.text((tr[0] + 4, (tr[1] + br[1]) / 2 - 5), VERTEBRA_NAMES[v], fill=colour)
+        draw.text((tr[0] + 4, (tr[1] + br[1]) / 2 - 5), VERTEBRA_NAMES[v], fill=colour, font=font)
     reach = 0.18 * width + 40
     for k, (angle, ends) in enumerate(zip(cobb.angles_deg, cobb.end_vertebrae)):
         colour = colours[k]
@@ -153,7 +159,11 @@ def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 
             d = (right - left) / max(np.linalg.norm(right - left), 1e-6)
             mid = (left + right) / 2
             draw.line([tuple(mid - d * reach), tuple(mid + d * reach)], fill=colour, width=2)
-        draw.text((5, 5 + 14 * k), f"{ANGLE_COLUMNS[k]} {angle:5.1f} deg  {ends[0]}-{ends[1]}", fill=colour)
+        line_height = max(14, height // 45)
+        text = f"{ANGLE_COLUMNS[k]} {angle:5.1f} deg  {ends[0]}-{ends[1]}"
+        box = draw.textbbox((6, 6 + line_height * k), text, font=font)
+        draw.rectangle([box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2], fill=(0, 0, 0))
+        draw.text((6, 6 + line_height * k), text, fill=colour, font=font)
     return picture
 
 
