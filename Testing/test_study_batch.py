@@ -229,3 +229,29 @@ def test_progress_bar_shows_rate_and_eta():
     bar.step("sub-a ok")
     line = stream.getvalue().strip()
     assert line.startswith("[##......] 1/4 0.10 vol/s") and "ETA 00:30" in line and line.endswith("sub-a ok")
+
+
+def test_sessions_and_read_only_dataset(tmp_path, mri_bids, capsys):
+    bids = tmp_path / "bids"
+    for ses in ("ses-01", "ses-02"):
+        folder = bids / "sub-long" / ses / "anat"
+        folder.mkdir(parents=True)
+        os.symlink(mri_bids / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w.nii.gz",
+                   folder / f"sub-long_{ses}_T2w.nii.gz")
+    deriv = tmp_path / "deriv"
+    assert batch(bids, deriv) == 0
+    for ses in ("ses-01", "ses-02"):
+        assert (deriv / "sub-long" / ses / "anat" / f"sub-long_{ses}_T2w_discs.mrk.json").exists()
+        assert (deriv / "sub-long" / ses / "anat" / f"sub-long_{ses}_T2w_label-discs_dlabel.nii.gz").exists()
+    assert {(r["subject"], r["session"]) for r in table(deriv)} == {("sub-long", "ses-01"), ("sub-long", "ses-02")}
+    # Deleting an output makes a re-run redo that image only.
+    (deriv / "sub-long" / "ses-02" / "anat" / "sub-long_ses-02_T2w_qc.png").unlink()
+    assert batch(bids, deriv, "--summary-json", tmp_path / "s.json") == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["labeled"] == 1 and s["skipped_done"] == 1
+    # A dataset where the default derivative folder cannot be made (read-only, or, as here, a
+    # file in the way): one error line pointing to --out, not a traceback.
+    (bids / "derivatives").write_text("not a folder")
+    capsys.readouterr()
+    assert run_cli("batch", "--bids", bids, "--model", fold_model()) == 2
+    assert "pass --out" in capsys.readouterr().err

@@ -160,8 +160,9 @@ def test_module_logic_steps_through_a_study(module, deriv):
 
 def test_module_self_test_study_review(module):
     """The module's own Slicer self-test for the study panel, run headless (needs the shipped model)."""
-    from conftest import REPO, require_path
+    from conftest import require_path
+    from VertebralLabelingLib.models import models_dir
 
-    require_path(REPO / "VertebralLabeling" / "Resources" / "Models" / "compact.keras")
+    require_path(models_dir() / "compact.keras")
     result = module.VertebralLabelingTest("test_StudyReview").run()
     assert result.wasSuccessful(), result.errors + result.failures

@@ -1,6 +1,6 @@
 """The study's QC page: ``<derivative>/qc/index.html``, one self-contained HTML file.
 
-Everything is inline (thumbnails as base64 PNG data URIs, CSS, JavaScript), so the page opens
+Everything is inline (thumbnails as base64 JPEG data URIs, CSS, JavaScript), so the page opens
 from disk, from a copied folder or from an e-mail attachment, with no network.  One card per
 image: the midsagittal slice with its labeled discs, the lowest disc confidence, the flagged
 discs, and Pass / Fail buttons.  The list sorts by "needs attention" (failed images, then most
@@ -33,7 +33,7 @@ THUMB_HEIGHT = 260
 
 
 def _thumbnail(path: Path) -> str:
-    """The QC picture as a base64 PNG data URI, at most THUMB_HEIGHT pixels high."""
+    """The QC picture as a base64 JPEG data URI (~15 kB), at most THUMB_HEIGHT pixels high."""
     if not path.exists():
         return ""
     from PIL import Image
@@ -44,8 +44,8 @@ def _thumbnail(path: Path) -> str:
             width = max(1, round(image.width * THUMB_HEIGHT / image.height))
             image = image.resize((width, THUMB_HEIGHT), Image.LANCZOS)
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def report_entries(deriv, bids=None, contrast="T2w") -> list[dict]:

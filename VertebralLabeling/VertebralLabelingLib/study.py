@@ -236,6 +236,8 @@ def plan(item: Item, deriv, model_version: str, overwrite=False, overwrite_corre
         return "label", "new"
     if record.get("status") != "ok":
         return "label", "previous run failed"
+    if not all(item.path(deriv, s).exists() for s in (SUFFIX_MARKUPS, SUFFIX_DLABEL, SUFFIX_QC)):
+        return "label", "outputs missing"
     if record.get("image_sha256") != sha256_file(item.image):
         return "label", "image changed"
     if record.get("model_version") != model_version:
@@ -401,8 +403,12 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
         from .models import resolve_model_path
 
         raise ModelError(f"Model file not found: {resolve_model_path(model)}")
-    deriv.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(deriv, bids)
+    try:
+        deriv.mkdir(parents=True, exist_ok=True)
+        write_dataset_description(deriv, bids)
+    except OSError as error:
+        raise InputError(f"Cannot write the derivative folder {deriv} ({error.strerror}); "
+                         "pass --out to write it elsewhere (e.g. when the dataset is read-only).")
     logger = _Log(deriv / LOG_NAME, log)
     t0 = time.perf_counter()
     summary = BatchSummary(workers=workers)
