@@ -94,7 +94,8 @@ def find_items(bids, contrast: str = "T2w", subjects=None, shard=None) -> list[I
         if not _SUBJECT.match(rel.parts[0]) or "derivatives" in rel.parts:
             continue
         session = next((p for p in rel.parts[1:-1] if p.startswith("ses-")), "")
-        items.append(Item(rel.parts[0], session, image.resolve(), rel.parent,
+        # abspath, not resolve(): symlinked datasets (DataLad, git-annex) keep their own paths
+        items.append(Item(rel.parts[0], session, Path(os.path.abspath(image)), rel.parent,
                           image.name.split(".nii")[0]))
     if not items:
         raise InputError(f"No *_{contrast}.nii[.gz] images found under {bids}/sub-*/.")
@@ -171,7 +172,7 @@ def write_dataset_description(deriv, bids=None) -> None:
                          "Description": "Cervical intervertebral discs C2-C3..C7-T1 (SCT values 3..8)"}],
     }
     if bids is not None:
-        description["SourceDatasets"] = [{"URL": Path(bids).resolve().as_uri()}]
+        description["SourceDatasets"] = [{"URL": Path(os.path.abspath(bids)).as_uri()}]
     write_json(path, description)
 
 
@@ -303,10 +304,19 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
 def _rel_image(item: Item, bids) -> str:
     if bids is not None:
         try:
-            return str(item.image.relative_to(Path(bids).resolve()))
+            return str(item.image.relative_to(Path(os.path.abspath(bids))))
         except ValueError:
             pass
     return str(item.image)
+
+
+def _crashed(item, deriv, model_version, bids, error) -> dict:
+    record = {"key": item.key, "subject": item.subject, "session": item.session,
+              "image": _rel_image(item, bids), "model_version": model_version, "status": "failed",
+              "error": f"worker process failed: {type(error).__name__}: {error}".splitlines()[0],
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0}
+    write_json(item.path(deriv, SUFFIX_RECORD), record)
+    return record
 
 
 def _pid_after(seconds):
@@ -456,9 +466,13 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
                                  f"{model} ({error}); try --workers 1 to see the error.") from error
             with pool:
                 t_label = bar.start = time.perf_counter()
-                futures = [pool.submit(_run_one, item, deriv, identity["version"], bids) for item in todo]
+                futures = {pool.submit(_run_one, item, deriv, identity["version"], bids): item
+                           for item in todo}
                 for future in as_completed(futures):
-                    records.append(future.result())
+                    try:
+                        records.append(future.result())
+                    except Exception as error:  # the worker process died (e.g. out of memory)
+                        records.append(_crashed(futures[future], deriv, identity["version"], bids, error))
                     _report_record(records[-1], logger, bar)
                 t_end = time.perf_counter()  # before the pool shuts down
         summary.seconds_labeling = t_end - t_label
@@ -565,6 +579,9 @@ def study_entries(deriv, bids=None, contrast="T2w"):
     path comes from the record (relative to ``bids`` when given, else as recorded).
     """
     deriv = Path(deriv)
+    if bids is None and deriv.resolve().parent.name == "derivatives" and \
+            (deriv.resolve().parent.parent / "dataset_description.json").exists():
+        bids = deriv.resolve().parent.parent  # the default place: BIDS/derivatives/NAME
     if bids is None:
         description = read_json(deriv / "dataset_description.json", {}) or {}
         sources = description.get("SourceDatasets") or [{}]
