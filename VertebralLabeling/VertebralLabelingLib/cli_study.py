@@ -13,8 +13,10 @@ from .errors import InputError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("batch", help="label every image of a BIDS dataset into a BIDS derivative")
-    p.add_argument("--bids", required=True, help="BIDS dataset (read only)")
+    p = sub.add_parser("batch", help="label every image of a BIDS dataset into a BIDS derivative",
+                       description="Label every image of a BIDS dataset into a BIDS derivative. "
+                       "Resumable; exit status 1 when some image failed (see discs.csv and batch.log).")
+    p.add_argument("--bids", required=True, help="BIDS dataset (only read, never written)")
     p.add_argument("--out", help="derivative folder (default: BIDS/derivatives/vertebral-labeling)")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel worker processes, each loading the model once (default 1)")
