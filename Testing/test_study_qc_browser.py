@@ -73,11 +73,20 @@ def browser(tmp_path):
 def wait_for(condition, timeout=20.0, what="condition"):
     end = time.time() + timeout
     while time.time() < end:
-        value = condition()
+        try:
+            value = condition()
+        except Exception:  # e.g. a stale element while the page re-renders
+            value = None
         if value:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def loaded(driver):
+    """Cards of a freshly (re)loaded page."""
+    wait_for(lambda: driver.execute_script("return document.readyState") == "complete", what="page load")
+    return wait_for(lambda: len(cards(driver)) == 4 and cards(driver), what="4 cards")
 
 
 def cards(driver):
@@ -105,7 +114,7 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
     from selenium.webdriver.support.ui import Select
 
     browser.get((study / "qc" / "index.html").as_uri())
-    wait_for(lambda: len(cards(browser)) == 4, what="4 cards")
+    loaded(browser)
     assert sorted(c.get_attribute("data-key") for c in cards(browser)) == KEYS
     for image in browser.find_elements(By.CSS_SELECTOR, "#cards img"):
         assert image.get_attribute("src").startswith("data:image/jpeg;base64,")
@@ -117,7 +126,8 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
         sub = key.split("_")[0]
         record = json.loads((study / sub / "anat" / f"{key}_discs.json").read_text())
         lowest[key] = min(d["confidence"] for d in record["discs"])
-    assert [c.get_attribute("data-key") for c in cards(browser)] == sorted(KEYS, key=lowest.get)
+    expected = sorted(KEYS, key=lambda k: (round(lowest[k], 3), k))  # the page shows 3 decimals
+    assert [c.get_attribute("data-key") for c in cards(browser)] == expected
     # Needs attention first (default): the small crop has the most flagged discs.
     Select(browser.find_element(By.ID, "sort")).select_by_value("attention")
     assert cards(browser)[0].get_attribute("data-key") == "sub-sctcrop_T2w"
@@ -128,7 +138,7 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
     assert "1 pass, 1 fail, 2 to review" in browser.find_element(By.ID, "counts").text
 
     browser.refresh()  # kept in localStorage
-    wait_for(lambda: len(cards(browser)) == 4, what="cards after reload")
+    loaded(browser)
     assert "fail" in browser.find_element(By.CSS_SELECTOR, '.card[data-key="sub-sctcrop_T2w"]').get_attribute("class")
 
     browser.find_element(By.ID, "save").click()
@@ -149,7 +159,7 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
     # The regenerated page shows the saved marks in a fresh browser profile too.
     browser.execute_script("localStorage.clear()")
     browser.refresh()
-    wait_for(lambda: len(cards(browser)) == 4, what="cards of the regenerated page")
+    loaded(browser)
     assert "pass" in browser.find_element(By.CSS_SELECTOR, '.card[data-key="sub-errsm18_T2w"]').get_attribute("class")
 
 
@@ -166,7 +176,7 @@ def test_served_page_saves_into_the_derivative(study, browser):
     thread.start()
     try:
         browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
-        wait_for(lambda: len(cards(browser)) == 4, what="4 cards over HTTP")
+        loaded(browser)
         click(browser, "sub-errsm20_T2w", "fail")
         browser.find_element(By.ID, "save").click()
         wait_for(target.exists, what="qc.json written by the server")
@@ -174,6 +184,36 @@ def test_served_page_saves_into_the_derivative(study, browser):
         assert marks["sub-errsm20_T2w"]["status"] == "fail"
         assert "saved to the derivative folder" in browser.find_element(By.ID, "saved").text
         assert not list(browser.downloads.iterdir())  # no download needed
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_writes_only_valid_qc_json(study):
+    import urllib.error
+    import urllib.request
+
+    from VertebralLabelingLib.qc_report import make_server
+
+    server = make_server(study, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    target = study / "qc" / "qc.json"
+    before = target.read_bytes() if target.exists() else None
+    try:
+        for path, body, code in (("/qc.json", b"not json", 400), ("/qc.json", b'{"no": "marks"}', 400),
+                                 ("/other.json", b'{"marks": {}}', 404)):
+            request = urllib.request.Request(base + path, data=body, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(request, timeout=10)
+            assert error.value.code == code
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(base + "/../dataset_description.json", timeout=10)
+        assert error.value.code == 404
+        assert (target.read_bytes() if target.exists() else None) == before
+        with urllib.request.urlopen(base + "/", timeout=10) as page:
+            assert b"qc-data" in page.read()
     finally:
         server.shutdown()
         server.server_close()
