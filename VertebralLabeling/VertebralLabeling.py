@@ -53,7 +53,11 @@ Pick the volume and press <b>Apply</b>.  Each point's description gives its conf
 flagged for review are drawn in the review colour (orange) and listed in the table.  Drag points
 to correct them: the exports (.mrk.json, CSV, disc-label NIfTI) contain your corrections.
 Labeling again asks before replacing points you have edited.<br>
-The midsagittal plane is found automatically, or taken from the current Yellow (sagittal) slice.
+The midsagittal plane is found automatically, or taken from the current Yellow (sagittal) slice.<br>
+<b>Study review</b>: open a folder written by <code>vertebral-labeling batch</code>, step through
+the subjects (Previous / Next), drag the points that are wrong and press <b>Save correction</b>.
+Corrections are saved as <code>*_desc-corrected_discs.mrk.json</code> beside the predictions and
+win afterwards (study table, <code>import-corrections</code>, retraining).
 """
         self.parent.acknowledgementText = """
 The optional <i>romero2018</i> model reproduces the per-disc convolutional regressor design of
