@@ -137,3 +137,17 @@ def test_edited_prediction_file_counts_as_a_correction(tmp_path, mri_bids):
     assert label_is_human(label)
     assert json.loads(label.with_name(label.name.replace(".nii.gz", ".json")).read_text())["Source"] == \
         "human-corrected"
+
+
+def test_train_study_options_are_checked(tmp_path, mri_bids, capsys):
+    assert run_cli("train", "--bids", mri_bids, "--out", tmp_path, "--subjects", "nobody") == 2
+    assert "sub-nobody" in capsys.readouterr().err
+    assert run_cli("train", "--bids", mri_bids, "--out", tmp_path, "--labels", tmp_path / "none") == 2
+    assert "Labels folder not found" in capsys.readouterr().err
+    assert run_cli("train", "--bids", mri_bids, "--out", tmp_path, "--qc", tmp_path / "qc.json") == 2
+    assert "QC file not found" in capsys.readouterr().err
+    empty = tmp_path / "empty-labels"
+    empty.mkdir()
+    assert run_cli("train", "--bids", mri_bids, "--out", tmp_path, "--labels", empty) == 2
+    assert "No labeled T2w images" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.keras"))
