@@ -249,6 +249,13 @@ def test_sessions_and_read_only_dataset(tmp_path, mri_bids, capsys):
     assert batch(bids, deriv, "--summary-json", tmp_path / "s.json") == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["labeled"] == 1 and s["skipped_done"] == 1
+    # A changed image is redone (its content hash differs), the other one is not.
+    image = bids / "sub-long" / "ses-01" / "anat" / "sub-long_ses-01_T2w.nii.gz"
+    image.unlink()
+    os.symlink(mri_bids / "sub-errsm20" / "anat" / "sub-errsm20_T2w.nii.gz", image)
+    assert batch(bids, deriv, "--summary-json", tmp_path / "s2.json") == 0
+    s2 = json.loads((tmp_path / "s2.json").read_text())
+    assert s2["labeled"] == 1 and s2["skipped_done"] == 1
     # A dataset where the default derivative folder cannot be made (read-only, or, as here, a
     # file in the way): one error line pointing to --out, not a traceback.
     (bids / "derivatives").write_text("not a folder")

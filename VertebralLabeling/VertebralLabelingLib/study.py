@@ -222,6 +222,8 @@ def edited_outputs(item: Item, deriv, record) -> list[Path]:
 def plan(item: Item, deriv, model_version: str, overwrite=False, overwrite_corrected=False):
     """What to do with an item: ('label' | 'skip-done' | 'skip-edited' | 'skip-exists', why)."""
     record = read_json(item.path(deriv, SUFFIX_RECORD))
+    if record is not None and not isinstance(record, dict):
+        record = None
     edited = edited_outputs(item, deriv, record)
     if edited and not overwrite_corrected:
         return "skip-edited", (f"{', '.join(p.name for p in edited)} edited by hand since the batch "
@@ -239,8 +241,13 @@ def plan(item: Item, deriv, model_version: str, overwrite=False, overwrite_corre
         return "label", "previous run failed"
     if not all(item.path(deriv, s).exists() for s in (SUFFIX_MARKUPS, SUFFIX_DLABEL, SUFFIX_QC)):
         return "label", "outputs missing"
-    if record.get("image_sha256") != sha256_file(item.image):
-        return "label", "image changed"
+    try:
+        stat = item.image.stat()
+        same_stat = [record.get("image_size"), record.get("image_mtime_ns")] == [stat.st_size, stat.st_mtime_ns]
+        if not same_stat and record.get("image_sha256") != sha256_file(item.image):
+            return "label", "image changed"
+    except OSError:
+        return "label", "image unreadable"  # label_item records the failure
     if record.get("model_version") != model_version:
         return "label", "model changed"
     return "skip-done", "done"
@@ -277,7 +284,9 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
               "image": _rel_image(item, bids), "model_version": model_version,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
     try:
-        record["image_sha256"] = sha256_file(item.image)
+        stat = item.image.stat()
+        record.update(image_sha256=sha256_file(item.image), image_size=stat.st_size,
+                      image_mtime_ns=stat.st_mtime_ns)
         volume = load_volume(item.image)
         result = _WORKER["labeler"].label(volume)
         outputs = {}
