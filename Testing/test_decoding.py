@@ -1,6 +1,7 @@
 """The joint disc decoder on synthetic heatmaps with known answers."""
 
 import numpy as np
+import pytest
 
 from VertebralLabelingLib.labeling import decode_chain
 
@@ -27,18 +28,18 @@ TRUE_ROWS = [30, 48, 66, 84, 102, 120]
 
 def test_clean_heatmaps_give_top_peaks():
     maps = heatmaps((80, 40), [[(r, 40, 0.8)] for r in TRUE_ROWS])
-    positions, peaks, reordered = decode_chain(maps, STRIDE)
+    positions, peaks, top_ratio = decode_chain(maps, STRIDE)
     np.testing.assert_allclose(positions[:, 0], TRUE_ROWS, atol=0.6)
-    assert not reordered.any() and (peaks > 0.7).all()
+    assert (top_ratio == 1.0).all() and (peaks > 0.7).all()
 
 
 def test_channel_firing_on_neighbour_is_resolved():
     # C7-T1's strongest response sits on C6-C7; its true disc has a weaker peak.
     responses = [[(r, 40, 0.8)] for r in TRUE_ROWS]
     responses[5] = [(84, 40, 0.6), (120, 40, 0.35)]
-    positions, peaks, reordered = decode_chain(heatmaps((80, 40), responses), STRIDE)
+    positions, peaks, top_ratio = decode_chain(heatmaps((80, 40), responses), STRIDE)
     np.testing.assert_allclose(positions[:, 0], TRUE_ROWS, atol=0.6)
-    assert reordered[5] and not reordered[:5].any()
+    assert top_ratio[5] == pytest.approx(0.35 / 0.6, abs=0.05) and (top_ratio[:5] == 1.0).all()
 
 
 def test_small_field_of_view_leaves_missing_discs_out():
