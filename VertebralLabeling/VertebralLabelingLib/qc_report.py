@@ -29,7 +29,7 @@ from .study import (SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file, read_json, rea
                     study_entries)
 from .volume import write_atomic_bytes
 
-THUMB_HEIGHT = 260
+THUMB_HEIGHT = 360
 
 
 def _thumbnail(path: Path) -> str:
@@ -156,9 +156,11 @@ body{font-family:system-ui,sans-serif;margin:0;background:#1d1f21;color:#ddd}
 header{position:sticky;top:0;background:#2b2e31;padding:8px 12px;display:flex;gap:12px;align-items:center;flex-wrap:wrap;z-index:1}
 h1{font-size:16px;margin:0 12px 0 0}
 #cards{display:flex;flex-wrap:wrap;gap:10px;padding:12px}
-.card{background:#2b2e31;border:3px solid #444;border-radius:6px;padding:6px;width:230px}
+.card{background:#2b2e31;border:3px solid #444;border-radius:6px;padding:6px;width:300px}
+.card.big{width:720px}
 .card.pass{border-color:#3c3}.card.fail{border-color:#e33}
-.card img{width:100%;display:block;background:#000}
+.card img{width:100%;display:block;background:#000;cursor:zoom-in}
+.card.big img{cursor:zoom-out}
 .card .name{font-weight:bold}.card .meta{font-size:12px;color:#aaa;min-height:2.4em}
 .card .bad{color:#f77}.card .ok{color:#7e7}
 .card button{margin:4px 4px 0 0}
@@ -225,7 +227,11 @@ function render() {
     const status = marks[e.key] ? marks[e.key].status : "";
     const card = el("div", {"class": "card " + status, "data-key": e.key, "data-subject": e.subject});
     card.appendChild(el("div", {"class": "name"}, e.key));
-    if (e.thumbnail) card.appendChild(el("img", {src: e.thumbnail, alt: "QC " + e.key}));
+    if (e.thumbnail) {
+      const img = el("img", {src: e.thumbnail, alt: "QC " + e.key, title: "click to enlarge"});
+      img.addEventListener("click", () => card.classList.toggle("big"));
+      card.appendChild(img);
+    }
     let meta;
     if (e.status !== "ok") meta = el("div", {"class": "meta bad"}, "labeling failed: " + e.error);
     else meta = el("div", {"class": "meta"},
