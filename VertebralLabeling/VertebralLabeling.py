@@ -293,7 +293,9 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         table = self.ui.resultsTable
         table.setRowCount(len(discs))
         for row, disc in enumerate(discs):
-            cells = (disc.name, f"{disc.confidence:.2f}", disc.reason if disc.flagged else "")
+            # NaN confidence: a point a person placed (e.g. a saved study correction)
+            confidence = f"{disc.confidence:.2f}" if disc.confidence == disc.confidence else "by hand"
+            cells = (disc.name, confidence, disc.reason if disc.flagged else "")
             for column, text in enumerate(cells):
                 item = qt.QTableWidgetItem(text)
                 if disc.flagged:
