@@ -151,3 +151,24 @@ def test_train_study_options_are_checked(tmp_path, mri_bids, capsys):
     assert run_cli("train", "--bids", mri_bids, "--out", tmp_path, "--labels", empty) == 2
     assert "No labeled T2w images" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.keras"))
+
+
+def test_default_places_need_no_paths(tmp_path, mri_bids):
+    """Derivative at BIDS/derivatives/vertebral-labeling: import-corrections finds the dataset and
+    writes BIDS/derivatives/labels, which train reads by default."""
+    import os
+
+    bids = tmp_path / "bids"
+    (bids / "sub-sctcrop" / "anat").mkdir(parents=True)
+    os.symlink(mri_bids / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w.nii.gz",
+               bids / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w.nii.gz")
+    (bids / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    assert run_cli("batch", "--bids", bids, "--model", "compact") == 0
+    deriv = bids / "derivatives" / "vertebral-labeling"
+    markups = deriv / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_discs.mrk.json"
+    save_corrected(discs_from_markups(markups), corrected_path(markups))
+    assert run_cli("import-corrections", "--deriv", deriv) == 0
+    label = bids / "derivatives" / "labels" / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_label-discs_dlabel.nii.gz"
+    assert label_is_human(label)
+    (subject,) = load_bids_subjects(bids)  # the default labels folder
+    assert subject.label_path == label
