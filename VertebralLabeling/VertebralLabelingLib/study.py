@@ -450,7 +450,7 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
         bar = Progress(len(todo), progress_stream)
         threads = max(1, (os.cpu_count() or 1) // min(workers, len(todo)))
         records = []
-        if workers == 1:
+        if min(workers, len(todo)) == 1:  # no process pool for a single image or worker
             _init_worker(model, 0)
             t_label = bar.start = time.perf_counter()
             for item in todo:
