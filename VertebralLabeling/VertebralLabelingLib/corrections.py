@@ -24,8 +24,8 @@ import numpy as np
 from . import DISC_NAMES, DISC_VALUES, __version__
 from .errors import InputError
 from .export import markups_dict, read_markups_json
-from .study import (SUFFIX_CORRECTED, SUFFIX_DLABEL, SUFFIX_MARKUPS, SUFFIX_RECORD, default_qc_file,
-                    read_json, read_qc_marks, sha256_file, study_entries, write_json)
+from .study import (SUFFIX_CORRECTED, SUFFIX_DLABEL, SUFFIX_MARKUPS, default_qc_file, read_json,
+                    read_qc_marks, sha256_file, study_entries, write_json)
 from .volume import write_atomic_bytes
 
 CORRECTED_KEY = "VertebralLabeling"
@@ -147,4 +147,4 @@ def label_is_human(label_path) -> bool:
 
 
 __all__ = ["corrected_path", "save_corrected", "is_human_corrected", "discs_from_markups",
-           "import_corrections", "label_is_human", "SUFFIX_RECORD"]
+           "import_corrections", "label_is_human"]

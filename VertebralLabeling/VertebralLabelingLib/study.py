@@ -276,7 +276,7 @@ def _init_worker(model, threads):
 def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
     """Label one item and write its outputs and record; never raises (failures are recorded)."""
     from . import export
-    from .volume import load_volume, write_image_atomic  # noqa: F401
+    from .volume import load_volume
 
     deriv = Path(deriv)
     start = time.perf_counter()
