@@ -114,3 +114,18 @@ def test_dicom_series_folder(tmp_path, phantom):
     loaded = load_volume(tmp_path)
     assert loaded.array.shape == volume.array.shape
     np.testing.assert_allclose(loaded.ijk_to_ras, volume.ijk_to_ras, atol=1e-3)
+
+
+def test_trilinear_sampling_matches_scipy():
+    from scipy import ndimage
+
+    from VertebralLabelingLib.volume import trilinear
+
+    rng = np.random.default_rng(0)
+    array = rng.random((17, 9, 5)).astype(np.float32)
+    # Inside, on the edges and slightly outside (clamped like mode="nearest").
+    ijk = rng.uniform(-0.5, 1, (500, 3)) * (np.array(array.shape) - 0.5)
+    ijk[:10] = np.array(array.shape) - 1
+    ijk[10:20] = 0
+    expected = ndimage.map_coordinates(array, ijk.T, order=1, mode="nearest")
+    np.testing.assert_allclose(trilinear(array, ijk), expected, atol=1e-5)

@@ -73,16 +73,20 @@ def _pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
 
 def _refine_peak(heatmap: np.ndarray, stride: int):
     """Argmax plus a weighted centroid in a 5x5 window -> (row, col) in input pixels, peak."""
-    flat = int(np.argmax(heatmap))
-    r, c = divmod(flat, heatmap.shape[1])
+    r, c = divmod(int(np.argmax(heatmap)), heatmap.shape[1])
+    return _centroid_at(heatmap, r, c, stride)
+
+
+def _centroid_at(heatmap: np.ndarray, r: int, c: int, stride: int):
+    """Sub-pixel position of the peak at (r, c): weighted centroid of its 5x5 neighbourhood."""
     peak = float(heatmap[r, c])
-    r0, r1 = max(r - 2, 0), min(r + 3, heatmap.shape[0])
-    c0, c1 = max(c - 2, 0), min(c + 3, heatmap.shape[1])
-    window = np.clip(heatmap[r0:r1, c0:c1] - 0.3 * peak, 0, None)
-    rows, cols = np.mgrid[r0:r1, c0:c1]
+    r0, c0 = max(r - 2, 0), max(c - 2, 0)
+    window = np.clip(heatmap[r0:r + 3, c0:c + 3] - 0.3 * peak, 0, None)
     total = window.sum()
     if total > 0:
-        rc = np.array([(rows * window).sum() / total, (cols * window).sum() / total])
+        rows = np.arange(r0, r0 + window.shape[0])
+        cols = np.arange(c0, c0 + window.shape[1])
+        rc = np.array([rows @ window.sum(axis=1), cols @ window.sum(axis=0)]) / total
     else:
         rc = np.array([r, c], float)
     return rc * stride + (stride - 1) / 2, peak
@@ -205,13 +209,8 @@ def _candidates(heatmap: np.ndarray, stride: int, limit: int = 8):
     from scipy import ndimage
 
     peaks = np.argwhere((heatmap == ndimage.maximum_filter(heatmap, size=5)) & (heatmap > 0.02))
-    order = np.argsort([-heatmap[tuple(p)] for p in peaks])[:limit]
-    out = []
-    for r, c in peaks[order]:
-        r0, r1, c0, c1 = max(r - 2, 0), r + 3, max(c - 2, 0), c + 3
-        window = np.zeros_like(heatmap)
-        window[r0:r1, c0:c1] = heatmap[r0:r1, c0:c1]
-        out.append(_refine_peak(window, stride))
+    order = np.argsort(-heatmap[peaks[:, 0], peaks[:, 1]], kind="stable")[:limit]
+    out = [_centroid_at(heatmap, r, c, stride) for r, c in peaks[order]]
     if not out:
         out.append(_refine_peak(heatmap, stride))
     return out
