@@ -57,35 +57,76 @@ def cobb_from_physical(points, radiograph: Radiograph) -> CobbResult:
     return cobb_from_points(radiograph.physical_to_pixel(points), radiograph)
 
 
-def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE):
+def _corners_at(heat, offsets, y, x):
+    """Corners (4, 2) read around peak cell (y, x): heatmap-weighted mean over its 3 x 3 cells."""
+    h, w = heat.shape
+    y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
+    weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
+    cy, cx = np.mgrid[y0:y1, x0:x1]
+    cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
+    pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]
+    return (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
+
+
+def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int = 3,
+           chain: float = 0.0):
     """Heatmap (h, w) + offsets (h, w, 8) -> corners (n*4, 2) in input pixels, peak values (n,).
 
-    Peaks are 3 x 3 local maxima; the ``n`` strongest are sorted by height (top first).  Each
-    vertebra's corners are the heatmap-weighted mean over the 3 x 3 cells around its peak of
-    (cell position + offset), which averages out the regression noise of single cells.
+    Peaks are ``nms`` x ``nms`` local maxima.  Without ``chain`` the ``n`` strongest are taken
+    (Yi et al. 2020); with ``chain`` > 0 the ``n`` peaks are chosen jointly by dynamic
+    programming: top to bottom, maximising the summed peak height minus
+    ``chain * log(gap / pitch)^2`` for each gap between consecutive vertebrae (pitch = median gap
+    of the strongest peaks), so a double peak or a skipped vertebra costs.  Each vertebra's
+    corners are the heatmap-weighted mean of (cell position + offset) over the 3 x 3 cells
+    around its peak.
     """
     from scipy import ndimage
 
-    h, w = heat.shape
-    local_max = (heat == ndimage.maximum_filter(heat, size=3, mode="constant", cval=-1.0)) & (heat > 1e-3)
+    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
     ys, xs = np.nonzero(local_max)
     if len(ys) < n:
         raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
+    if chain > 0:
+        keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]  # strongest candidates only
+        ys, xs = ys[keep], xs[keep]
+        cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+        order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
+        ys, xs, cand = ys[order], xs[order], cand[order]
+        chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain)
+        corners, peaks = cand[chosen], heat[ys[chosen], xs[chosen]]
+        return corners.reshape(-1, 2), peaks
     order = np.argsort(-heat[ys, xs], kind="stable")[:n]
     ys, xs = ys[order], xs[order]
-    peaks = heat[ys, xs]
-    corners = np.zeros((n, 4, 2))
-    centres_y = np.zeros(n)
-    for k, (y, x) in enumerate(zip(ys, xs)):
-        y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
-        weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
-        cy, cx = np.mgrid[y0:y1, x0:x1]
-        cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
-        pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]
-        corners[k] = (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
-        centres_y[k] = corners[k, :, 1].mean()
-    top_down = np.argsort(centres_y, kind="stable")
-    return corners[top_down].reshape(-1, 2), peaks[top_down]
+    corners = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+    top_down = np.argsort(corners[:, :, 1].mean(axis=1), kind="stable")
+    return corners[top_down].reshape(-1, 2), heat[ys, xs][top_down]
+
+
+def _chain(centres, scores, n, weight):
+    """Indices of ``n`` candidates (sorted top-down) forming the best-scoring regular chain."""
+    k = len(centres)
+    strongest = np.sort(np.argsort(-scores, kind="stable")[:n])
+    pitch = max(float(np.median(np.linalg.norm(np.diff(centres[strongest], axis=0), axis=1))), 1e-3)
+    d = centres[None, :, :] - centres[:, None, :]  # d[j, i] = centre_i - centre_j
+    gap = np.linalg.norm(d, axis=2)
+    with np.errstate(divide="ignore"):
+        cost = weight * np.log(np.maximum(gap, 1e-6) / pitch) ** 2
+    valid = (d[..., 1] > 0) & (np.abs(d[..., 0]) < np.abs(d[..., 1])) & (gap > 0.35 * pitch)
+    cost = np.where(valid, cost, np.inf)
+    best = np.full((n, k), -np.inf)
+    back = np.zeros((n, k), int)
+    best[0] = scores
+    for m in range(1, n):
+        total = best[m - 1][:, None] - cost  # [j, i]
+        back[m] = np.argmax(total, axis=0)
+        best[m] = total[back[m], np.arange(k)] + scores
+    end = int(np.argmax(best[n - 1]))
+    if not np.isfinite(best[n - 1, end]):  # no regular chain: fall back to the strongest peaks
+        return strongest
+    chosen = [end]
+    for m in range(n - 1, 0, -1):
+        chosen.append(int(back[m, chosen[-1]]))
+    return np.array(chosen[::-1])
 
 
 def vertebra_tilts(corners) -> np.ndarray:
@@ -123,6 +164,8 @@ class XrayLabeler:
         self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
         self.flip = bool(meta.get("tta_flip", False))
         self.tilt_smoothing = float(meta.get("tilt_smoothing", 0.0))
+        self.nms = int(meta.get("nms", 3))
+        self.chain = float(meta.get("chain_decoding", 0.0))
         self._predict = None
 
     @classmethod
@@ -158,7 +201,7 @@ class XrayLabeler:
             of[..., 0] *= -1.0
             of = of[:, :, [1, 0, 3, 2]].reshape(o.shape)
             h, o = (h + hf) / 2, (o + of) / 2
-        corners, peaks = decode(h, o)
+        corners, peaks = decode(h, o, nms=self.nms, chain=self.chain)
         if self.tilt_smoothing > 0:
             corners = smooth_tilts(corners, self.tilt_smoothing)
         return corners, peaks
