@@ -22,6 +22,7 @@ from VertebralLabelingLib.xray_evaluate import smape  # noqa: E402
 from VertebralLabelingLib.xray_label import XrayLabeler, cobb_from_points, smooth_tilts  # noqa: E402
 
 SMOOTHING = (0.0, 0.25, 0.5, 0.75, 1.0)
+CHAIN = (0.0, 1.0)
 
 
 def run(labeler, aset, indices, log):
@@ -31,14 +32,15 @@ def run(labeler, aset, indices, log):
         image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
         truth_px = aset.landmarks[index] * [radiograph.width, radiograph.height]
         for flip in (False, True):
-            labeler.flip, labeler.tilt_smoothing = flip, 0.0
-            corners, _ = labeler.predict_input(image)
-            for weight in SMOOTHING:
-                c = smooth_tilts(corners, weight) if weight else corners
-                pts = xray_data.apply(matrix, c)
-                s = smape(cobb_from_points(pts, radiograph).angles_deg, aset.angles[index])
-                err = float(np.linalg.norm(pts - truth_px, axis=1).mean())
-                rows.setdefault((flip, weight), []).append((s, err))
+            for chain in CHAIN:
+                labeler.flip, labeler.chain, labeler.tilt_smoothing = flip, chain, 0.0
+                corners, _ = labeler.predict_input(image)
+                for weight in SMOOTHING:
+                    c = smooth_tilts(corners, weight) if weight else corners
+                    pts = xray_data.apply(matrix, c)
+                    s = smape(cobb_from_points(pts, radiograph).angles_deg, aset.angles[index])
+                    err = float(np.linalg.norm(pts - truth_px, axis=1).mean())
+                    rows.setdefault((flip, chain, weight), []).append((s, err))
         if n % 20 == 0:
             log(f"{n + 1}/{len(indices)}")
     return {k: (float(np.mean([r[0] for r in v])), float(np.mean([r[1] for r in v]))) for k, v in rows.items()}
@@ -60,18 +62,18 @@ def main():
     on_train = run(labeler, aset, train_idx, log)
     on_val = run(labeler, aset, aset.indices_of(val), log)
     best = min(on_train, key=lambda k: on_train[k][0])
-    print(f"{'flip':>5} {'smooth':>6} | train SMAPE  err px | val SMAPE  err px")
+    print(f"{'flip':>5} {'chain':>5} {'smooth':>6} | train SMAPE  err px | val SMAPE  err px")
     for key in sorted(on_train):
         mark = "  <- chosen on train" if key == best else ""
-        print(f"{str(key[0]):>5} {key[1]:6.2f} | {on_train[key][0]:10.2f} {on_train[key][1]:7.1f} | "
+        print(f"{str(key[0]):>5} {key[1]:5.1f} {key[2]:6.2f} | {on_train[key][0]:10.2f} {on_train[key][1]:7.1f} | "
               f"{on_val[key][0]:9.2f} {on_val[key][1]:7.1f}{mark}")
-    print(f"chosen on {len(train_idx)} training images: tta_flip={best[0]}, tilt_smoothing={best[1]} "
-          f"({time.time() - start:.0f} s)")
+    print(f"chosen on {len(train_idx)} training images: tta_flip={best[0]}, chain_decoding={best[1]}, "
+          f"tilt_smoothing={best[2]} ({time.time() - start:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "chosen": {"tta_flip": best[0], "tilt_smoothing": best[1]},
+            "chosen": {"tta_flip": best[0], "chain_decoding": best[1], "tilt_smoothing": best[2]},
             "train_images": len(train_idx),
-            "table": [{"tta_flip": k[0], "tilt_smoothing": k[1], "train_smape": on_train[k][0],
+            "table": [{"tta_flip": k[0], "chain_decoding": k[1], "tilt_smoothing": k[2], "train_smape": on_train[k][0],
                        "train_error_px": on_train[k][1], "val_smape": on_val[k][0], "val_error_px": on_val[k][1]}
                       for k in sorted(on_train)]}, indent=2) + "\n")
 
