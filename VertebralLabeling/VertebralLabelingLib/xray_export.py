@@ -158,7 +158,10 @@ def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 
             left, right = (tl + bl) / 2, (tr + br) / 2
             d = (right - left) / max(np.linalg.norm(right - left), 1e-6)
             mid = (left + right) / 2
-            draw.line([tuple(mid - d * reach), tuple(mid + d * reach)], fill=colour, width=2)
+            # main curve extends to the left, the others to the right, so shared end
+            # vertebrae show both lines
+            a, b = (mid - d * reach, mid + d * 0.25 * reach) if k == 0 else (mid - d * 0.25 * reach, mid + d * reach)
+            draw.line([tuple(a), tuple(b)], fill=colour, width=2)
         line_height = max(14, height // 45)
         text = f"{ANGLE_COLUMNS[k]} {angle:5.1f} deg  {ends[0]}-{ends[1]}"
         box = draw.textbbox((6, 6 + line_height * k), text, font=font)
