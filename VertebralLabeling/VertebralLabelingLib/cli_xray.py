@@ -66,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--cache-dir", default="runs/xray_cache", help="where preprocessed arrays are cached")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--init", help="start from this model (.keras) instead of random weights")
     p.set_defaults(handler=cmd_train)
 
 
@@ -154,6 +155,6 @@ def cmd_train(args) -> int:
                  steps=args.steps, time_budget_s=args.time_budget_min * 60,
                  learning_rate=args.learning_rate, cache_dir=args.cache_dir,
                  checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
-                 command=command)
+                 command=command, init=args.init)
     print(f"saved {path}")
     return 0

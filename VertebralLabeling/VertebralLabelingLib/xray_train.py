@@ -109,7 +109,7 @@ def validate(model, images, points, sizes, max_images=None):
 def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0,
           batch_size: int = 8, steps: int = 100000, time_budget_s: float = 2400.0,
           learning_rate: float = 2e-3, cache_dir="runs/xray_cache", checkpoint_minutes: float = 5.0,
-          width: float = 1.0, log=print, command: str = "") -> Path:
+          width: float = 1.0, log=print, command: str = "", init=None) -> Path:
     import tensorflow as tf
 
     keras = xray_model.model_lib._keras()
@@ -124,6 +124,11 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     log(f"cache ready in {time.time() - start:.0f} s")
 
     model = xray_model.build(width)
+    previous = None
+    if init:  # continue from a saved model (a second cosine cycle)
+        start_model, previous = xray_model.load(init)
+        model.set_weights(start_model.get_weights())
+        log(f"initialised from {init} ({previous.get('steps')} steps)")
     n_params = xray_model.model_lib.count_parameters(model)
     log(f"model {xray_model.ARCHITECTURE}: {n_params} parameters")
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
@@ -151,6 +156,10 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
         "validation_files": val_names, "command": command,
         "source": "AASCE 2019 training release (SpineWeb dataset 16; Wu et al., MICCAI 2017)",
     }
+    if previous is not None:
+        meta["initialised_from"] = {"model": str(init), "steps": previous.get("steps"),
+                                    "train_minutes": previous.get("train_minutes"),
+                                    "command": previous.get("command"), "history": previous.get("history")}
     batches = _Batches(images, points, batch_size, seed)
     budget = time_budget_s - (time.time() - start)
     t0 = time.time()
