@@ -22,12 +22,12 @@ from VertebralLabelingLib.xray_evaluate import smape
 
 #: Validation images used here (the first N of the fixed patient-level validation split).
 N_IMAGES = 6
-#: Floors over those images.  Measured with the shipped model: SMAPE 17.9 %, corner error mean
-#: 70.1 px (one image labeled one vertebra off: 245 px), median 28 px.  These six are harder
-#: than the whole validation split (84 images: SMAPE 11.6 %, corner error mean 46.6 px).
+#: Floors over those images.  Measured with the shipped model: SMAPE 17.2 %, corner error mean
+#: 45.5 px, median 37.3 px.  These six are harder than the whole validation split (84 images:
+#: SMAPE 9.9 %, corner error median 17.8 px).
 MAX_SMAPE = 25.0
 MAX_MEAN_CORNER_ERROR_PX = 100.0
-MAX_MEDIAN_CORNER_ERROR_PX = 40.0
+MAX_MEDIAN_CORNER_ERROR_PX = 55.0
 
 
 @pytest.fixture(scope="module")
