@@ -339,35 +339,17 @@ class CobbAngleLogic(ScriptedLoadableModuleLogic):
     def lastCobb(self):
         return self.live.last if self.live is not None else None
 
-    @staticmethod
-    def requirements() -> list:
-        """Packages from VertebralLabeling/Resources/requirements.txt (the extension's one list)."""
-        for folder in (os.path.join(_MODULE_DIR, "Resources"),
-                       os.path.join(os.path.dirname(_MODULE_DIR), "VertebralLabeling", "Resources")):
-            path = os.path.join(folder, "requirements.txt")
-            if os.path.exists(path):
-                with open(path) as handle:
-                    lines = (line.split("#", 1)[0].strip() for line in handle)
-                    return [line for line in lines if line]
-        return ["tensorflow-cpu==2.21.0"]
-
     def ensureTensorFlow(self, confirm) -> bool:
-        """Install TensorFlow on first use (never at import), if ``confirm(requirements)`` agrees."""
-        import importlib.util
+        """Install TensorFlow on first use (never at import), if ``confirm(requirements)`` agrees.
 
-        if self.labelerFactory is not None or importlib.util.find_spec("tensorflow") is not None:
+        The list is the extension's Resources/requirements.txt; Slicer's numpy stays pinned
+        (see ``VertebralLabelingSlicerLib.dependencies``).  An injected labeler needs nothing.
+        """
+        if self.labelerFactory is not None:
             return True
-        requirements = self.requirements()
-        if not confirm(requirements):
-            return False
-        import numpy  # pin Slicer's numpy: a wheel wanting another one must fail, not replace it
+        from VertebralLabelingSlicerLib.dependencies import ensure_tensorflow
 
-        constraints = os.path.join(slicer.app.temporaryPath, "CobbAngle-constraints.txt")
-        with open(constraints, "w") as handle:
-            handle.write(f"numpy=={numpy.__version__}\n")
-        slicer.util.pip_install(requirements + ["-c", constraints])
-        importlib.invalidate_caches()
-        return importlib.util.find_spec("tensorflow") is not None
+        return ensure_tensorflow(confirm, slicer.app.temporaryPath, slicer.util.pip_install, tag="CobbAngle")
 
     def labeler(self):
         if self.modelName not in self._labelers:

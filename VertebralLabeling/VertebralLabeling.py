@@ -460,33 +460,17 @@ class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return VertebralLabelingParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def requirements() -> list:
-        """Packages from Resources/requirements.txt (comments and blank lines dropped)."""
-        path = os.path.join(_MODULE_DIR, "Resources", "requirements.txt")
-        with open(path) as handle:
-            lines = (line.split("#", 1)[0].strip() for line in handle)
-            return [line for line in lines if line]
-
     def ensureTensorFlow(self, confirm) -> bool:
-        """Install TensorFlow on first use (never at import), if ``confirm(requirements)`` agrees."""
-        import importlib.util
+        """Install TensorFlow on first use (never at import), if ``confirm(requirements)`` agrees.
 
-        if self.labelerFactory is not None or importlib.util.find_spec("tensorflow") is not None:
+        The list is the extension's Resources/requirements.txt; Slicer's numpy stays pinned
+        (see ``VertebralLabelingSlicerLib.dependencies``).  An injected labeler needs nothing.
+        """
+        if self.labelerFactory is not None:
             return True
-        requirements = self.requirements()
-        if not confirm(requirements):
-            return False
-        # Pin Slicer's own numpy: a TensorFlow wheel that wants another one must fail here
-        # rather than silently replace the numpy that Slicer was built against.
-        import numpy
+        from VertebralLabelingSlicerLib.dependencies import ensure_tensorflow
 
-        constraints = os.path.join(slicer.app.temporaryPath, "VertebralLabeling-constraints.txt")
-        with open(constraints, "w") as handle:
-            handle.write(f"numpy=={numpy.__version__}\n")
-        slicer.util.pip_install(requirements + ["-c", constraints])
-        importlib.invalidate_caches()
-        return importlib.util.find_spec("tensorflow") is not None
+        return ensure_tensorflow(confirm, slicer.app.temporaryPath, slicer.util.pip_install, tag="VertebralLabeling")
 
     def labeler(self):
         """The labeler for ``self.modelName``, loaded once (loading a model takes seconds)."""
