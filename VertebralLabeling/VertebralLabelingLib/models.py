@@ -135,7 +135,22 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 def load(name_or_path: str | os.PathLike = "compact"):
     """Load a model and its metadata; raise ModelError with a clear message if unusable."""
-    path = resolve_model_path(name_or_path)
+    def is_disc_model(meta, meta_path):
+        if meta.get("architecture") not in ARCHITECTURES:
+            return f"{meta_path} does not describe a VertebralLabeling model."
+        return None
+
+    return load_keras_with_metadata(resolve_model_path(name_or_path), is_disc_model)
+
+
+def load_keras_with_metadata(path: Path, check_meta):
+    """(keras model, metadata) from ``NAME.keras`` + ``NAME.json``, for every kind of model.
+
+    ``check_meta(meta, meta_path)`` returns an error message when the metadata is not the
+    caller's kind of model (a disc model given to the X-ray labeler, say), else None.  Every
+    problem -- missing file, missing or broken JSON, wrong kind, corrupt Keras file -- becomes a
+    ModelError whose message the CLI and the Slicer panel show as is.
+    """
     if not path.exists():
         raise ModelError(f"Model file not found: {path}")
     meta_path = path.with_suffix(".json")
@@ -145,8 +160,9 @@ def load(name_or_path: str | os.PathLike = "compact"):
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as error:
         raise ModelError(f"Model metadata {meta_path} is not valid JSON: {error}") from error
-    if meta.get("architecture") not in ARCHITECTURES:
-        raise ModelError(f"{meta_path} does not describe a VertebralLabeling model.")
+    problem = check_meta(meta, meta_path)
+    if problem:
+        raise ModelError(problem)
     keras = _keras()
     try:
         model = keras.models.load_model(path, compile=False)

@@ -19,7 +19,6 @@ optimizer state), ``NAME.json`` (how to feed it) and ``NAME.md`` (model card).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import models as model_lib
@@ -88,22 +87,14 @@ def load(name_or_path=DEFAULT_MODEL):
         raise ModelError(f"Model file not found: {path}")
     if path.is_dir() or path.suffix != ".keras":
         raise ModelError(f"{path} is not a .keras model file.")
-    meta_path = path.with_suffix(".json")
-    if not meta_path.exists():
-        raise ModelError(f"Model metadata missing: {meta_path} (expected beside {path.name}).")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelError(f"Model metadata {meta_path} is not valid JSON: {error}") from error
-    if not isinstance(meta, dict) or meta.get("task") != TASK:
-        raise ModelError(f"{path.name} is not an X-ray landmark model ({meta_path} says task "
-                         f"{meta.get('task') if isinstance(meta, dict) else None!r}, expected {TASK!r}).")
-    keras = model_lib._keras()
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a bad file
-        raise ModelError(f"Cannot load model {path}: the file is corrupt or not a Keras model "
-                         f"({type(error).__name__}).") from error
+
+    def is_xray_model(meta, meta_path):
+        if not isinstance(meta, dict) or meta.get("task") != TASK:
+            return (f"{path.name} is not an X-ray landmark model ({meta_path} says task "
+                    f"{meta.get('task') if isinstance(meta, dict) else None!r}, expected {TASK!r}).")
+        return None
+
+    model, meta = model_lib.load_keras_with_metadata(path, is_xray_model)
     outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
     if len(outputs) != 2 or outputs[0].shape[-1] != 1 or outputs[1].shape[-1] != 8:
         raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets).")
