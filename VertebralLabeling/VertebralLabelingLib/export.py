@@ -32,21 +32,32 @@ def describe(disc) -> str:
 def markups_dict(discs, locked: bool = False) -> dict:
     """Slicer markups (schema v1.0.3) with one control point per disc, coordinates in LPS."""
     points = []
-    for index, disc in enumerate(discs, start=1):
+    for disc in discs:
         r, a, s = (float(v) for v in disc.ras)
-        points.append({
-            "id": str(index), "label": disc.name, "description": describe(disc),
-            "associatedNodeID": "", "position": [-r, -a, s],
-            "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-            "selected": not disc.flagged, "locked": locked, "visibility": True,
-            "positionStatus": "defined",
-        })
+        points.append(control_point(disc.name, [-r, -a, s], describe(disc), disc.flagged))
+    return markups_document(points, locked)
+
+
+def control_point(label: str, lps, description: str, flagged: bool) -> dict:
+    """One labeled LPS control point; flagged points are left unselected so they stand out."""
+    return {
+        "label": label, "description": description, "associatedNodeID": "",
+        "position": [float(v) for v in lps],
+        "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+        "selected": not flagged, "visibility": True, "positionStatus": "defined",
+    }
+
+
+def markups_document(points: list, locked: bool = False) -> dict:
+    """A fixed-size LPS point list (schema v1.0.3) around ``control_point`` dicts (MRI and X-ray)."""
+    numbered = [dict(point, id=str(index), locked=locked) for index, point in enumerate(points, 1)]
     return {
         "@schema": MARKUPS_SCHEMA,
         "markups": [{
             "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
             "locked": locked, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
-            "lastUsedControlPointNumber": len(points), "controlPoints": points, "measurements": [],
+            "lastUsedControlPointNumber": len(numbered), "controlPoints": numbered,
+            "measurements": [],
         }],
     }
 
@@ -55,20 +66,35 @@ def write_markups_json(discs, path, locked: bool = False) -> None:
     write_atomic_bytes(path, (json.dumps(markups_dict(discs, locked), indent=2) + "\n").encode())
 
 
-def read_markups_json(path):
-    """Control points of a .mrk.json as (label, RAS position, description) tuples."""
+def read_control_points(path) -> list:
+    """Control points of a .mrk.json as dicts with ``label``, ``lps`` (3,), ``description`` and
+    ``status`` (Slicer's positionStatus); a file in RAS is converted.  InputError if unreadable."""
     try:
         data = json.loads(Path(path).read_text())
         markup = data["markups"][0]
-        lps = markup.get("coordinateSystem", "LPS") == "LPS"
-        out = []
+        flip = np.array([1.0, 1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "LPS" \
+            else np.array([-1.0, -1.0, 1.0])
+        points = []
         for point in markup.get("controlPoints", []):
-            x, y, z = (float(v) for v in point["position"])
-            ras = np.array([-x, -y, z]) if lps else np.array([x, y, z])
-            out.append((point.get("label", ""), ras, point.get("description", "")))
-        return out
+            status = point.get("positionStatus", "defined")
+            # An unplaced point may come without a position; a placed one must have it.
+            has_position = status == "defined" or "position" in point
+            lps = np.array([float(v) for v in point["position"]]) * flip if has_position else None
+            points.append({"label": point.get("label", ""), "lps": lps,
+                           "description": point.get("description", ""), "status": status})
+        return points
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         raise InputError(f"Cannot read markups file {path}: {error}") from error
+
+
+def read_markups_json(path):
+    """Control points of a .mrk.json as (label, RAS position, description) tuples."""
+    points = read_control_points(path)
+    unplaced = [point["label"] for point in points if point["lps"] is None]
+    if unplaced:
+        raise InputError(f"Cannot read markups file {path}: point {unplaced[0]!r} has no position")
+    return [(point["label"], point["lps"] * [-1.0, -1.0, 1.0], point["description"])
+            for point in points]
 
 
 def write_csv(discs, path) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 
 from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES, CobbResult
 from .errors import InputError
-from .export import MARKUPS_SCHEMA
+from .export import control_point, markups_document, read_control_points
 from .volume import write_atomic_bytes
 from .xray_data import POINT_LABELS
 
@@ -61,21 +60,8 @@ def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = F
         flagged = conf is not None and conf < threshold
         if flagged:
             description += "; REVIEW: low confidence"
-        control.append({
-            "id": str(index + 1), "label": label, "description": description,
-            "associatedNodeID": "", "position": [float(x), float(y), float(slice_z)],
-            "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-            "selected": not flagged, "locked": locked, "visibility": True,
-            "positionStatus": "defined",
-        })
-    return {
-        "@schema": MARKUPS_SCHEMA,
-        "markups": [{
-            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
-            "locked": locked, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
-            "lastUsedControlPointNumber": N_POINTS, "controlPoints": control, "measurements": [],
-        }],
-    }
+        control.append(control_point(label, [x, y, slice_z], description, flagged))
+    return markups_document(control, locked)
 
 
 def write_markups_json(points, path, confidence=None, slice_z: float = 0.0) -> None:
@@ -85,18 +71,8 @@ def write_markups_json(points, path, confidence=None, slice_z: float = 0.0) -> N
 
 def read_markups_json(path) -> np.ndarray:
     """The 68 corners (physical x, y) of a .mrk.json, matched by label (T1-TL ... L5-BR)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        markup = data["markups"][0]
-        lps = markup.get("coordinateSystem", "LPS") == "LPS"
-        found = {}
-        for point in markup.get("controlPoints", []):
-            if point.get("positionStatus", "defined") != "defined":
-                continue
-            x, y, _ = (float(v) for v in point["position"])
-            found[point.get("label", "")] = (x, y) if lps else (-x, -y)
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise InputError(f"Cannot read markups file {path}: {error}") from error
+    found = {point["label"]: tuple(point["lps"][:2]) for point in read_control_points(path)
+             if point["status"] == "defined"}
     missing = [label for label in POINT_LABELS if label not in found]
     if missing:
         raise InputError(f"{path} lacks {len(missing)} of the 68 corner points, e.g. {missing[0]}")
