@@ -27,6 +27,20 @@ def require_path(path: Path) -> Path:
     pytest.skip(message)
 
 
+def require_module(name: str, reason: str = ""):
+    """Import ``name``; if it is not installed, fail in CI (the test extras must install it) and
+    skip elsewhere, like ``require_path``."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        message = f"{name} not installed ({reason or error}); scripts/test.sh installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def mri_bids() -> Path:
     return require_path(data_root() / "mri" / "bids")

@@ -9,16 +9,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (headless MRML)")
-vtk = pytest.importorskip("vtk")
+slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
+vtk = require_module("vtk")
 
-from VertebralLabelingLib import DISC_NAMES  # noqa: E402
+from VertebralLabelingLib import DISC_NAMES, export  # noqa: E402
 from VertebralLabelingLib.errors import InputError, VertebralLabelingError  # noqa: E402
 from VertebralLabelingLib.labeling import DiscPoint  # noqa: E402
 from VertebralLabelingLib.volume import Volume  # noqa: E402
 from VertebralLabelingSlicerLib import mrml_adapter  # noqa: E402
 from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost  # noqa: E402
+from slicer_markups_files import json_storage, read_with_slicer  # noqa: E402
 
 SCHEMA = __import__("pathlib").Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
 
@@ -204,20 +206,6 @@ def test_discs_from_node_skips_unknown_and_unset_points(scene):
 
 
 # -- files -----------------------------------------------------------------------------------
-def json_storage(scene, path):
-    storage = slicer.vtkMRMLMarkupsJsonStorageNode()  # not registered by name in a bare scene
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    return storage
-
-
-def read_with_slicer(path):
-    scene = slicer.vtkMRMLScene()
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "read")
-    assert json_storage(scene, path).ReadData(node) == 1
-    return node
-
-
 def test_mrk_json_round_trip_through_slicer_storage(scene, volume_node, tmp_path):
     discs = sample_discs()
     node = mrml_adapter.update_markups_node(scene, discs, volume_node)
@@ -245,13 +233,7 @@ def test_mrk_json_round_trip_through_slicer_storage(scene, volume_node, tmp_path
         [(d.name, d.flagged) for d in discs]
 
 
-def core_export():
-    return pytest.importorskip("VertebralLabelingLib.export",
-                               reason="core export.py not written yet")
-
-
 def test_core_markups_file_is_read_by_slicer(tmp_path):
-    export = core_export()
     discs = sample_discs()
     path = tmp_path / "core.mrk.json"
     export.write_markups_json(discs, path)
@@ -267,7 +249,6 @@ def test_core_markups_file_is_read_by_slicer(tmp_path):
 
 
 def test_exports_from_corrected_node_contain_the_correction(scene, volume_node, tmp_path):
-    export = core_export()
     node = mrml_adapter.update_markups_node(scene, sample_discs(), volume_node)
     moved = np.array([2.0, -25.0, 5.0])
     node.SetNthControlPointPositionWorld(2, *moved)
@@ -339,7 +320,6 @@ def validate_markups(document):
 
 
 def test_core_markups_file_matches_the_official_schema(tmp_path):
-    export = core_export()
     export.write_markups_json(sample_discs(), tmp_path / "core.mrk.json")
     document = json.loads((tmp_path / "core.mrk.json").read_text())
     assert document["@schema"].endswith("markups-schema-v1.0.3.json#")

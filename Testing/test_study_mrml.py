@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (headless MRML)")
+slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
 
 from study_common import SUBJECTS, batch  # noqa: E402
 from VertebralLabelingLib import DISC_NAMES  # noqa: E402

@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (headless MRML)")
-vtk = pytest.importorskip("vtk")
+slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
+vtk = require_module("vtk")
 
 from VertebralLabelingLib import xray_export  # noqa: E402
 from VertebralLabelingLib.cobb import cobb_angles  # noqa: E402
@@ -17,6 +18,7 @@ from VertebralLabelingLib.errors import InputError  # noqa: E402
 from VertebralLabelingLib.xray_data import POINT_LABELS, Radiograph  # noqa: E402
 from VertebralLabelingLib.xray_label import cobb_from_physical  # noqa: E402
 from VertebralLabelingSlicerLib import xray_adapter  # noqa: E402
+from slicer_markups_files import json_storage, read_with_slicer  # noqa: E402
 
 SCHEMA = __import__("pathlib").Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
 SPACING, ORIGIN = (0.35, 0.2), (12.0, -30.0)
@@ -53,20 +55,6 @@ def world(node, index):
     p = [0.0, 0.0, 0.0]
     node.GetNthControlPointPositionWorld(index, p)
     return np.array(p)
-
-
-def json_storage(scene, path):
-    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    return storage
-
-
-def read_with_slicer(path):
-    scene = slicer.vtkMRMLScene()
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "read")
-    assert json_storage(scene, path).ReadData(node) == 1
-    return node
 
 
 # -- radiographs -----------------------------------------------------------------------------------
@@ -121,7 +109,7 @@ def test_mrk_json_round_trip_through_slicer_storage(scene, volume_node, radiogra
 
     core_file = tmp_path / "core.mrk.json"
     xray_export.write_markups_json(pts, core_file, np.ones(17))
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require_module("jsonschema")
     jsonschema.validate(json.loads(core_file.read_text()), json.loads(SCHEMA.read_text()))
     back = read_with_slicer(core_file)
     assert back.GetNumberOfControlPoints() == 68

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import require_path
+from conftest import require_module, require_path
 from VertebralLabelingLib import cli, xray_data, xray_export
 from VertebralLabelingLib.cobb import cobb_angles
 from VertebralLabelingLib.dataset import data_root
@@ -185,7 +185,7 @@ def test_straight_spine_and_known_tilt_with_anisotropic_spacing():
 
 # -- exports --------------------------------------------------------------------------------------
 def test_markups_json_is_valid_and_reads_back(tmp_path):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require_module("jsonschema")
     pts = spine_points() * 0.3 + [4.0, -9.0]
     confidence = np.linspace(0.1, 1.0, 17)
     path = tmp_path / "x.mrk.json"
