@@ -131,12 +131,12 @@ class DiscLabeler:
         report(0.35, "Running the disc networks")
         images = np.stack([normalize_intensity(s.image, s.inside) for s in slices])
         if self.architecture == "compact":
-            positions, peaks = self._run_compact(images)
+            positions, peaks, top_ratio = self._run_compact(images)
         else:
-            positions, peaks = self._run_romero(images)
+            positions, peaks, top_ratio = self._run_romero(images)
         report(0.85, "Checking anatomical consistency")
         discs = self._to_discs(centre, positions, peaks)
-        for disc, ratio in zip(discs, getattr(self, "_top_ratio", np.ones(len(discs)))):
+        for disc, ratio in zip(discs, top_ratio):
             if ratio < SECONDARY_PEAK_RATIO and disc.confidence > 0:
                 _flag(disc, f"placed on a secondary peak ({ratio:.2f} of the strongest) "
                             "to keep anatomical order")
@@ -168,8 +168,7 @@ class DiscLabeler:
         ratios = np.ones((n_tta, n_discs))
         for t in range(n_tta):
             positions[t], peaks[t], ratios[t] = decode_chain(heatmaps[t], stride)
-        self._top_ratio = ratios.mean(axis=0)
-        return positions, peaks
+        return positions, peaks, ratios.mean(axis=0)
 
     def _run_romero(self, images):
         size = int(self.meta.get("romero_input", model_lib.ROMERO_INPUT))
@@ -179,7 +178,8 @@ class DiscLabeler:
         crops = padded[:, r0:r0 + size, c0:c0 + size]
         out = self._forward(crops[..., None])  # (n_tta, n_discs, 2), normalised
         positions = out * size + corner
-        return positions, np.ones(out.shape[:2])
+        # Regressors have no peaks to overrule: every ratio is 1 (never a secondary peak).
+        return positions, np.ones(out.shape[:2]), np.ones(out.shape[1])
 
     @staticmethod
     def _to_discs(plane: SagittalSlice, positions, peaks) -> list:
