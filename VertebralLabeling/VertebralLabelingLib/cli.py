@@ -42,8 +42,13 @@ def _add_train(sub):
     from .dataset import data_root
 
     p = sub.add_parser("train", help="train the disc networks")
-    p.add_argument("--bids", required=True, help="BIDS dataset with derivatives/labels disc labels")
+    p.add_argument("--bids", help="BIDS dataset with derivatives/labels disc labels "
+                   "(omit with --synthetic 1 to train on synthetic spines alone)")
     p.add_argument("--out", required=True, help="folder for NAME.keras + NAME.json")
+    p.add_argument("--synthetic", type=float, default=0.5, metavar="SHARE",
+                   help="share of training samples from the procedural spine generator (0..1)")
+    p.add_argument("--init", metavar="MODEL", help="continue from this model (fine-tuning)")
+    p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--pam50", default=str(data_root() / "mri" / "pam50"),
                    help="PAM50 template folder as extra data ('' to skip)")
     p.add_argument("--architecture", default="compact", choices=["compact", "romero2018"])
@@ -70,10 +75,20 @@ def _add_phantom(sub):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_stress(sub):
+    p = sub.add_parser("stress", help="write stress variants of a labeled BIDS dataset "
+                       "(contrast, field of view, slice thickness, noise) for evaluate")
+    p.add_argument("--bids", required=True, help="labeled BIDS dataset")
+    p.add_argument("--out", required=True, help="folder; one BIDS dataset per variant is written in it")
+    p.add_argument("--variants", nargs="+", help="default: all (dark t1like remap fov-c2 fov-c3 "
+                   "fov-end-c5 thick3 thick4 noise)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebral-labeling", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_label, _add_evaluate, _add_train, _add_phantom):
+    for add in (_add_label, _add_evaluate, _add_train, _add_phantom, _add_stress):
         add(sub)
     for name, handler in HANDLERS.items():
         sub.choices[name].set_defaults(handler=handler)
@@ -144,8 +159,9 @@ def cmd_evaluate(args):
 
     write_atomic_bytes(args.json, (json.dumps(metrics, indent=2) + "\n").encode())
     keys = ("n_subjects", "n_discs", "mean_error_mm", "median_error_mm", "mean_error_sagittal_mm",
-            "identification_rate", "seconds_per_case", "model_parameters")
-    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+            "identification_rate", "silent_error_rate", "flag_rate", "correct_when_confident",
+            "seconds_per_case", "model_parameters")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
     return 0
 
 
@@ -153,6 +169,10 @@ def cmd_train(args):
     from .train import train
 
     exclude = list(args.exclude)
+    if not 0.0 <= args.synthetic <= 1.0:
+        raise InputError("--synthetic is a share between 0 and 1.")
+    if not args.bids and args.synthetic < 1.0:
+        raise InputError("--bids is required unless --synthetic 1 (synthetic data only).")
     if args.subjects:
         from .dataset import find_bids_pairs
 
@@ -169,6 +189,7 @@ def cmd_train(args):
                  time_budget_s=args.time_budget_min * 60, exclude=tuple(exclude),
                  labels=args.labels, qc=args.qc,
                  n_phantoms=args.phantoms, name=args.name, contrast=args.contrast,
+                 synthetic=args.synthetic, init=args.init, learning_rate=args.learning_rate,
                  log=lambda m: print(m, flush=True))
     print(f"saved {path}")
     return 0
@@ -185,8 +206,19 @@ def cmd_phantom(args):
     return 0
 
 
+def cmd_stress(args):
+    from .stress import VARIANTS, write_stress_dataset
+
+    if not Path(args.bids).is_dir():
+        raise InputError(f"BIDS folder not found: {args.bids}")
+    folders = write_stress_dataset(args.bids, args.out, variants=args.variants or VARIANTS,
+                                   seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps([str(f) for f in folders], indent=2))
+    return 0
+
+
 HANDLERS = {"label": cmd_label, "evaluate": cmd_evaluate, "train": cmd_train,
-            "phantom": cmd_phantom}
+            "phantom": cmd_phantom, "stress": cmd_stress}
 
 
 def main(argv=None) -> int:

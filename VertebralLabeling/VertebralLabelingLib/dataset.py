@@ -25,6 +25,9 @@ from .midsagittal import normalize_intensity, sample_plane
 from .phantom import make_phantom
 from .volume import Volume, load_volume, read_image
 
+#: Every disc below C2 that a label file may hold (C2/C3 = 3 ... L5/S1 = 25): the level-agnostic
+#: disc detector learns from all of them.
+ALL_DISC_VALUES = tuple(range(3, 26))
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
@@ -114,8 +117,8 @@ def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None,
                 if log:
                     log(f"{image.name}: marked fail in QC and not corrected, left out")
                 continue
-        discs = read_disc_labels(label)
-        if discs:
+        discs = read_disc_labels(label, values=ALL_DISC_VALUES)
+        if any(v in discs for v in DISC_VALUES):
             subjects.append(Subject(sub, load_volume(image), discs, image, label))
     if not subjects:
         raise InputError(f"No labeled {contrast} images found under {bids_dir}"
@@ -126,7 +129,7 @@ def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None,
 def load_pam50(pam50_dir) -> Subject:
     pam50_dir = Path(pam50_dir)
     volume = load_volume(pam50_dir / "PAM50_small_t2.nii.gz")
-    discs = read_disc_labels(pam50_dir / "PAM50_small_label_discPosterior.nii.gz")
+    discs = read_disc_labels(pam50_dir / "PAM50_small_label_discPosterior.nii.gz", values=ALL_DISC_VALUES)
     return Subject("PAM50", volume, discs)
 
 
@@ -161,12 +164,15 @@ def _smooth_field(rng, shape, cells: int, sigma: float) -> np.ndarray:
 
 
 def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128),
-                     strength: float = 1.0, keep_all_discs: bool = False):
+                     strength: float = 1.0, keep_all_discs: bool = False, with_extras: bool = False):
     """One randomly posed and re-contrasted slice of ``subject``.
 
     Returns ``(image, targets)``: image (H, W) float32 in ~[0, 1.5]; targets (6, 2) pixel
     (row, col) of discs C2-C3..C7-T1, NaN where absent or outside the field of view.
     ``keep_all_discs`` keeps every disc in view (fixed-size regressors need that).
+    ``with_extras`` also returns a ``SampleExtras`` for the level-agnostic disc detector: every
+    labeled disc in view, and the rows where that list is complete (outside the labeled run a
+    real subject has unlabeled discs, so the detector's target is unknown there).
     """
     values = [v for v in DISC_VALUES if v in subject.discs]
     points = np.array([subject.discs[v] for v in values])
@@ -214,7 +220,34 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
     targets = _drop_invisible(targets, inside, shape)
     image = normalize_intensity(plane.image, inside)
     image = _augment_intensity(image, inside, rng, strength)
-    return image, targets
+    if not with_extras:
+        return image, targets
+    return image, targets, _real_extras(subject, basis, origin, disp, inside, shape)
+
+
+@dataclass
+class SampleExtras:
+    """Targets of the level-agnostic outputs: all discs in view, where that list is complete,
+    and the dens tip (None = unknown, as for real subjects whose dens is not annotated)."""
+
+    discs: np.ndarray
+    disc_rows: tuple = (-np.inf, np.inf)
+    anchor: np.ndarray | None = None
+
+
+def _real_extras(subject, basis, origin, disp, inside, shape) -> SampleExtras:
+    values = sorted(v for v in subject.discs if v >= DISC_VALUES[0])
+    rcs = []
+    for value in values:
+        rc = np.linalg.solve(basis, subject.discs[value] - origin)[:2]
+        if disp is not None:
+            rc = rc - np.array([ndimage.map_coordinates(d, rc[:, None], order=1, mode="nearest")[0]
+                                for d in disp])
+        rcs.append(rc)
+    rcs = np.array(rcs)
+    top = -np.inf if values[0] == DISC_VALUES[0] else rcs[0, 0] - 6.0
+    visible = _drop_invisible(rcs, inside, shape)
+    return SampleExtras(visible[~np.isnan(visible[:, 0])], (top, rcs[-1, 0] + 6.0), None)
 
 
 def _drop_invisible(targets: np.ndarray, inside: np.ndarray, shape) -> np.ndarray:
@@ -265,19 +298,34 @@ def heatmap_targets(targets: np.ndarray, shape, stride: int, sigma: float) -> np
 
 
 class SampleMixer:
-    """Draws training samples from real subjects, PAM50, phantoms and negatives."""
+    """Draws training samples from real subjects, PAM50, phantoms, synthetic spines, negatives.
 
-    def __init__(self, real, pam50=None, phantoms=(), seed=0, weights=(0.62, 0.13, 0.2, 0.05)):
-        self.sources = [list(real), [pam50] if pam50 else [], list(phantoms), ["negative"]]
-        w = np.array([wt if src else 0.0 for wt, src in zip(weights, self.sources)])
+    ``draw`` returns ``(image, level targets (6, 2), SampleExtras)``.
+    """
+
+    def __init__(self, real, pam50=None, phantoms=(), seed=0, weights=(0.62, 0.13, 0.2, 0.05),
+                 synthetic: float = 0.0):
+        self.sources = [list(real), [pam50] if pam50 else [], list(phantoms), ["negative"],
+                        ["synthetic"] if synthetic > 0 else []]
+        shares = [1 - synthetic] * 3 + [1.0]  # negatives keep their share
+        w = np.array([wt * share if src else 0.0
+                      for wt, share, src in zip(weights, shares, self.sources[:4])] + [synthetic])
         self.weights = w / w.sum()
         self.rng = np.random.default_rng(seed)
 
     def draw(self, shape, keep_all_discs=False):
-        source = self.sources[self.rng.choice(4, p=self.weights)]
+        source = self.sources[self.rng.choice(len(self.sources), p=self.weights)]
         item = source[self.rng.integers(len(source))]
         if item == "negative":
             if keep_all_discs:
                 return self.draw(shape, keep_all_discs)
-            return negative_sample(self.rng, shape)
-        return augmented_sample(item, self.rng, shape, keep_all_discs=keep_all_discs)
+            image, targets = negative_sample(self.rng, shape)
+            return image, targets, SampleExtras(np.zeros((0, 2)), (-np.inf, np.inf), np.full(2, np.nan))
+        if item == "synthetic":
+            from .synthetic_spine import render_sample
+
+            sample = render_sample(self.rng, shape)
+            if keep_all_discs and np.isnan(sample.levels).any():
+                return self.draw(shape, keep_all_discs)
+            return sample.image, sample.levels, SampleExtras(sample.discs, (-np.inf, np.inf), sample.anchor)
+        return augmented_sample(item, self.rng, shape, keep_all_discs=keep_all_discs, with_extras=True)

@@ -20,6 +20,9 @@ from .labeling import DiscLabeler
 from .volume import load_volume
 
 IDENTIFICATION_RADIUS_MM = 8.0
+#: A disc further than this from the truth (sagittal plane), or not identified, is *wrong*; a
+#: wrong disc that is not flagged for review is a *silent error*.
+WRONG_ABOVE_MM = 5.0
 
 
 def score_subject(predicted: dict, truth: dict) -> list[dict]:
@@ -47,10 +50,35 @@ def score_subject(predicted: dict, truth: dict) -> list[dict]:
     return rows
 
 
+def is_wrong(row: dict) -> bool:
+    """Wrong = not identified (missing, off by a level, > 8 mm) or > 5 mm off in the sagittal
+    plane.  The lateral component is left out: the annotation follows the cord, not the disc."""
+    return not row["identified"] or row["error_sagittal_mm"] is None or \
+        row["error_sagittal_mm"] > WRONG_ABOVE_MM
+
+
+def _review_summary(rows: list[dict]) -> dict:
+    """How well the review flags keep their promise, and what a confidence of 0.5 means."""
+    scored = [r for r in rows if "flagged" in r]
+    if not scored:
+        return {}
+    wrong = [is_wrong(r) for r in scored]
+    silent = [w and not r["flagged"] for w, r in zip(wrong, scored)]
+    confident = [not w for w, r in zip(wrong, scored) if (r.get("confidence") or 0) >= 0.5]
+    return {
+        "silent_errors": int(sum(silent)),
+        "silent_error_rate": float(np.mean(silent)),
+        "flag_rate": float(np.mean([r["flagged"] for r in scored])),
+        "wrong_rate": float(np.mean(wrong)),
+        "n_confident": len(confident),
+        "correct_when_confident": float(np.mean(confident)) if confident else None,
+    }
+
+
 def _summary(rows: list[dict]) -> dict:
     errors = [r["error_mm"] for r in rows if r["error_mm"] is not None]
     sagittal = [r["error_sagittal_mm"] for r in rows if r["error_sagittal_mm"] is not None]
-    return {
+    return {**_review_summary(rows),
         "n_discs": len(rows),
         "mean_error_mm": float(np.mean(errors)) if errors else None,
         "median_error_mm": float(np.median(errors)) if errors else None,
@@ -92,11 +120,13 @@ def evaluate(bids, model="compact", model_for_subject=None, subjects=None, contr
         predicted = {d.value: d.ras for d in result.discs}
         rows = score_subject(predicted, truth)
         for row, disc in zip(rows, [d for d in result.discs if d.value in truth]):
-            row.update(confidence=round(disc.confidence, 3), flagged=disc.flagged)
+            row.update(confidence=round(disc.confidence, 3), flagged=disc.flagged, reason=disc.reason)
+            row["wrong"] = is_wrong(row)
         all_rows += [dict(r, subject=sub) for r in rows]
         per_subject[sub] = dict(_summary(rows), model=key, image=str(image.name), discs=rows)
         log(f"{sub}: mean {per_subject[sub]['mean_error_mm']:.2f} mm, identified "
-            f"{per_subject[sub]['identification_rate']:.2f} ({key}, {seconds[-1]:.2f} s)")
+            f"{per_subject[sub]['identification_rate']:.2f}, silent errors "
+            f"{per_subject[sub].get('silent_errors')} ({key}, {seconds[-1]:.2f} s)")
     summary = _summary(all_rows)
     per_disc = {DISC_NAME_BY_VALUE[v]: _summary([r for r in all_rows if r["value"] == v])
                 for v in DISC_VALUES if any(r["value"] == v for r in all_rows)}

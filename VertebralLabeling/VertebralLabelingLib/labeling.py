@@ -58,6 +58,8 @@ class LabelingResult:
     seconds: float = 0.0
     model_name: str = ""
     warnings: list = field(default_factory=list)
+    #: The independent level count (``LevelCount``), None for models without those outputs.
+    level_check: object = None
 
     @property
     def spine_found(self) -> bool:
@@ -131,9 +133,9 @@ class DiscLabeler:
         report(0.35, "Running the disc networks")
         images = np.stack([normalize_intensity(s.image, s.inside) for s in slices])
         if self.architecture == "compact":
-            positions, peaks, top_ratio = self._run_compact(images)
+            positions, peaks, top_ratio, extra = self._run_compact(images)
         else:
-            positions, peaks, top_ratio = self._run_romero(images)
+            positions, peaks, top_ratio, extra = self._run_romero(images)
         report(0.85, "Checking anatomical consistency")
         discs = self._to_discs(centre, positions, peaks)
         for disc, ratio in zip(discs, top_ratio):
@@ -143,7 +145,13 @@ class DiscLabeler:
             if disc.confidence == 0:
                 _flag(disc, "not found in the field of view")
         check_consistency(discs, centre)
-        result = LabelingResult(discs, midline, centre, time.perf_counter() - start, self.name)
+        count = None
+        if extra is not None:
+            stride = int(self.meta.get("stride", model_lib.COMPACT_STRIDE))
+            count = count_from_c2(extra[..., 0], extra[..., 1], stride)
+            check_level_by_count(discs, centre, count)
+        result = LabelingResult(discs, midline, centre, time.perf_counter() - start, self.name,
+                                level_check=count)
         if not result.spine_found:
             result.warnings.append("No spine found with confidence: every disc is flagged for review.")
         report(1.0, "Done")
@@ -162,13 +170,16 @@ class DiscLabeler:
         stride = int(self.meta.get("stride", model_lib.COMPACT_STRIDE))
         multiple = 2 * int(self.meta.get("input_multiple", model_lib.COMPACT_MULTIPLE))
         heatmaps = self._forward(_pad_to_multiple(images, multiple)[..., None])
-        n_tta, n_discs = heatmaps.shape[0], heatmaps.shape[-1]
+        n_discs = len(DISC_NAMES)
+        n_tta = heatmaps.shape[0]
         positions = np.zeros((n_tta, n_discs, 2))
         peaks = np.zeros((n_tta, n_discs))
         ratios = np.ones((n_tta, n_discs))
         for t in range(n_tta):
-            positions[t], peaks[t], ratios[t] = decode_chain(heatmaps[t], stride)
-        return positions, peaks, ratios.mean(axis=0)
+            positions[t], peaks[t], ratios[t] = decode_chain(heatmaps[t, ..., :n_discs], stride)
+        # Level-agnostic outputs (any-disc, dens tip), averaged over the parallel slices.
+        extra = heatmaps[..., n_discs:].mean(axis=0) if heatmaps.shape[-1] > n_discs else None
+        return positions, peaks, ratios.mean(axis=0), extra
 
     def _run_romero(self, images):
         size = int(self.meta.get("romero_input", model_lib.ROMERO_INPUT))
@@ -179,7 +190,7 @@ class DiscLabeler:
         out = self._forward(crops[..., None])  # (n_tta, n_discs, 2), normalised
         positions = out * size + corner
         # Regressors have no peaks to overrule: every ratio is 1 (never a secondary peak).
-        return positions, np.ones(out.shape[:2]), np.ones(out.shape[1])
+        return positions, np.ones(out.shape[:2]), np.ones(out.shape[1]), None
 
     @staticmethod
     def _to_discs(plane: SagittalSlice, positions, peaks) -> list:
@@ -303,3 +314,88 @@ def _flag(disc: DiscPoint, reason: str) -> None:
     disc.flagged = True
     if reason not in disc.reason:
         disc.reason = f"{disc.reason}; {reason}" if disc.reason else reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Second opinion on the level: find the dens, count the discs below it.
+
+#: A dens-tip or any-disc peak must exceed this to count as seen.
+ANCHOR_THRESHOLD = 0.3
+DETECTOR_THRESHOLD = 0.25
+#: A placed disc must lie this close to a disc the level-agnostic detector sees (mm).
+AGREEMENT_MM = 4.0
+#: The first disc below the dens tip (C2/C3) lies this far below it (mm, along the image rows).
+DENS_TO_C2C3_MM = (15.0, 60.0)
+
+
+@dataclass
+class LevelCount:
+    """Discs seen by the level-agnostic detector, numbered by counting down from the dens.
+
+    ``discs``: (n, 2) pixel (row, col) positions, cranial first; ``levels``: for each, its index
+    counted from C2/C3 = 0 (None when no dens is in view: the count has no anchor); ``dens``:
+    the dens tip (row, col) or None.
+    """
+
+    discs: np.ndarray
+    levels: list
+    dens: np.ndarray | None
+
+    @property
+    def anchored(self) -> bool:
+        return self.dens is not None
+
+
+def count_from_c2(any_disc: np.ndarray, dens: np.ndarray, stride: int) -> LevelCount:
+    """Number the detected discs by counting down from the dens tip.
+
+    Why a second opinion: the per-disc heads recognise each level by its appearance and
+    context, and when they are wrong they are wrong together (a whole chain one level off).
+    Counting discs below the one unmistakable landmark, the dens of C2, fails differently.
+    A gap of more than 1.6 typical spacings counts as a missed disc.
+    """
+    from scipy import ndimage
+
+    peak_map = (any_disc == ndimage.maximum_filter(any_disc, size=5)) & (any_disc > DETECTOR_THRESHOLD)
+    found = [_centroid_at(any_disc, r, c, stride)[0] for r, c in np.argwhere(peak_map)]
+    points = np.array(sorted(found, key=lambda rc: rc[0])) if found else np.zeros((0, 2))
+    anchor = None
+    if dens.max() > ANCHOR_THRESHOLD:
+        anchor = _refine_peak(dens, stride)[0]
+    if anchor is None or not len(points):
+        return LevelCount(points, [None] * len(points), anchor)
+    below = points[:, 0] > anchor[0] + DENS_TO_C2C3_MM[0] - 5
+    points = points[below]
+    levels, level = [], 0
+    gaps = np.diff(points[:, 0]) if len(points) > 1 else np.array([])
+    typical = float(np.median(gaps)) if len(gaps) else 18.0
+    for k, point in enumerate(points):
+        if k == 0:
+            level = 0 if point[0] - anchor[0] <= DENS_TO_C2C3_MM[1] else \
+                int(round((point[0] - anchor[0] - 30.0) / max(typical, 10.0)))
+        else:
+            gap = point[0] - points[k - 1][0]
+            level += max(1, int(round(gap / max(typical, 10.0)))) if gap > 1.6 * typical else 1
+        levels.append(level)
+    return LevelCount(points, levels, anchor)
+
+
+def check_level_by_count(discs: list, plane: SagittalSlice, count: LevelCount) -> None:
+    """Flag every disc whose level the count from C2 does not confirm."""
+    rows = plane.ras_to_pixel(np.array([d.ras for d in discs]))
+    for index, (disc, rc) in enumerate(zip(discs, rows)):
+        if disc.confidence == 0:
+            continue  # already flagged: not found in view
+        if not len(count.discs):
+            _flag(disc, "the disc detector sees no disc here")
+            continue
+        distances = np.linalg.norm(count.discs - rc, axis=1)
+        nearest = int(np.argmin(distances))
+        if distances[nearest] > AGREEMENT_MM:
+            _flag(disc, f"the disc detector sees no disc within {AGREEMENT_MM:.0f} mm")
+        elif not count.anchored:
+            _flag(disc, "level not confirmed: no C2 (dens) in view to count from")
+        elif count.levels[nearest] != index:
+            said = count.levels[nearest]
+            name = DISC_NAMES[said] if 0 <= said < len(DISC_NAMES) else "another level"
+            _flag(disc, f"counting from C2 puts this disc at {name}")

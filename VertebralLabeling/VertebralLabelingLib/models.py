@@ -52,8 +52,14 @@ def _keras():
     return keras
 
 
-def build_compact(n_discs: int = len(DISC_NAMES)):
-    """The default heatmap network (~0.3 M parameters)."""
+#: Outputs of the compact network after the six per-disc heatmaps: a level-agnostic disc
+#: detector ("any disc here") and the dens tip.  Together they give a second opinion on the
+#: level, by counting discs down from C2, that does not rely on the per-disc heads.
+EXTRA_OUTPUTS = ("any-disc", "dens-tip")
+
+
+def build_compact(n_discs: int = len(DISC_NAMES) + len(EXTRA_OUTPUTS)):
+    """The default heatmap network (~0.3 M parameters): per-disc heatmaps + EXTRA_OUTPUTS."""
     keras = _keras()
     layers = keras.layers
 

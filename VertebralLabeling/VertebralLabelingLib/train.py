@@ -27,18 +27,38 @@ def _batch(mixer, architecture, batch_size):
     if architecture == "compact":
         xs, ys = [], []
         for _ in range(batch_size):
-            image, targets = mixer.draw(TRAIN_SHAPE)
+            image, targets, extras = mixer.draw(TRAIN_SHAPE)
             xs.append(image)
-            ys.append(heatmap_targets(targets, TRAIN_SHAPE, model_lib.COMPACT_STRIDE,
-                                      model_lib.HEATMAP_SIGMA))
+            ys.append(compact_targets(targets, extras, TRAIN_SHAPE))
         return np.stack(xs)[..., None], np.stack(ys)
     size = (model_lib.ROMERO_INPUT, model_lib.ROMERO_INPUT)
     xs, ys = [], []
     for _ in range(batch_size):
-        image, targets = mixer.draw(size, keep_all_discs=True)
+        image, targets, _ = mixer.draw(size, keep_all_discs=True)
         xs.append(image)
         ys.append(targets / model_lib.ROMERO_INPUT)  # NaN where the disc is missing
     return np.stack(xs)[..., None], np.stack(ys).astype(np.float32)
+
+
+#: Target value meaning "unknown here, no loss" (e.g. the dens tip of a real subject).
+UNKNOWN = -1.0
+
+
+def compact_targets(targets, extras, shape):
+    """(H/2, W/2, 8) heatmaps: six discs, the any-disc map and the dens tip; UNKNOWN where the
+    target is not known (rows outside a real subject's labeled run, unannotated dens)."""
+    stride, sigma = model_lib.COMPACT_STRIDE, model_lib.HEATMAP_SIGMA
+    levels = heatmap_targets(targets, shape, stride, sigma)
+    discs = heatmap_targets(extras.discs, shape, stride, sigma).max(axis=-1, keepdims=True) \
+        if len(extras.discs) else np.zeros(levels.shape[:2] + (1,), np.float32)
+    rows = np.arange(levels.shape[0]) * stride + (stride - 1) / 2
+    lo, hi = extras.disc_rows
+    discs[(rows < lo) | (rows > hi)] = UNKNOWN
+    if extras.anchor is None:
+        anchor = np.full(levels.shape[:2] + (1,), UNKNOWN, np.float32)
+    else:
+        anchor = heatmap_targets(np.asarray(extras.anchor, float)[None], shape, stride, sigma)
+    return np.concatenate([levels, discs, anchor], axis=-1)
 
 
 def _loss(architecture):
@@ -47,7 +67,11 @@ def _loss(architecture):
     if architecture == "compact":
         def weighted_mse(y_true, y_pred):
             # Positive pixels are rare: weight them up so the network does not learn "all zero".
-            return tf.reduce_mean(tf.square(y_pred - y_true) * (1.0 + 10.0 * y_true))
+            # Pixels whose target is unknown (UNKNOWN) do not count.
+            known = tf.cast(y_true >= 0, tf.float32)
+            target = tf.maximum(y_true, 0.0)
+            return tf.reduce_sum(tf.square(y_pred - target) * (1.0 + 10.0 * target) * known) / \
+                tf.maximum(tf.reduce_sum(known), 1.0)
         return weighted_mse
 
     def masked_mse(y_true, y_pred):
@@ -57,21 +81,87 @@ def _loss(architecture):
     return masked_mse
 
 
+class _Prefetcher:
+    """Generates the next chunks of batches in worker processes while the network trains.
+
+    Processes, not threads: rendering is many small numpy calls that would hold the GIL and
+    starve TensorFlow.  They are forked before TensorFlow is imported (forking a process that
+    runs TensorFlow's thread pools can deadlock), so they inherit the loaded subjects without
+    pickling.  Each chunk draws from its own seed (run seed, chunk number), so the samples do
+    not depend on which worker renders them.
+    """
+
+    def __init__(self, mixer, architecture, batch_size, seed, workers=2):
+        import collections
+        import concurrent.futures
+        import multiprocessing
+        import sys
+
+        if "tensorflow" in sys.modules:  # already running (tests, notebooks): stay in-process
+            _init_worker(mixer, architecture, batch_size)
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            workers = 1
+        else:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                initializer=_init_worker, initargs=(mixer, architecture, batch_size))
+        self._seed, self._chunks = seed, 0
+        self._queue = collections.deque(self._submit() for _ in range(workers))
+
+    def _submit(self):
+        self._chunks += 1
+        return self._pool.submit(_make_chunk, CHUNK_STEPS, (self._seed, self._chunks))
+
+    def get(self):
+        chunk = self._queue.popleft().result()
+        self._queue.append(self._submit())
+        return chunk
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_WORKER = {}
+
+
+def _init_worker(mixer, architecture, batch_size):
+    _WORKER.update(mixer=mixer, architecture=architecture, batch_size=batch_size)
+
+
+def _make_chunk(n, seed):
+    mixer = _WORKER["mixer"]
+    mixer.rng = np.random.default_rng(seed)
+    batches = [_batch(mixer, _WORKER["architecture"], _WORKER["batch_size"]) for _ in range(n)]
+    x, y = zip(*batches)
+    return np.concatenate(x), np.concatenate(y)
+
+
 def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, batch_size=12,
           seed=0, time_budget_s=3600.0, exclude=(), n_phantoms=12, name=None, log=print,
-          contrast="T2w", learning_rate=2e-3, labels=None, qc=None):
-    """Train a model and save it (with metadata) as ``out_dir/NAME.keras``; returns the path."""
-    import keras
+          contrast="T2w", learning_rate=2e-3, labels=None, qc=None, synthetic=0.5, init=None):
+    """Train a model and save it (with metadata) as ``out_dir/NAME.keras``; returns the path.
 
-    keras.utils.set_random_seed(seed)
+    ``synthetic``: share of samples drawn from the procedural spine generator
+    (``synthetic_spine``); 1.0 with no ``bids`` trains on synthetic data alone.  ``init``: a
+    saved model to continue from (fine-tuning a synthetic-only model on real subjects).
+    """
     real = load_bids_subjects(bids, contrast=contrast, exclude=exclude, labels=labels, qc=qc,
                               log=log) if bids else []
     template = load_pam50(pam50) if pam50 else None
     phantoms = make_phantom_subjects(n_phantoms, seed) if n_phantoms else []
+    if not real and not template and not phantoms:
+        synthetic = 1.0
     log(f"training {architecture} on {[s.name for s in real]}"
-        f"{' + PAM50' if template else ''} + {len(phantoms)} phantoms")
-    mixer = SampleMixer(real, template, phantoms, seed=seed)
-    model = model_lib.build(architecture)
+        f"{' + PAM50' if template else ''} + {len(phantoms)} phantoms, synthetic share {synthetic}")
+    mixer = SampleMixer(real, template, phantoms, seed=seed, synthetic=synthetic)
+    prefetch = _Prefetcher(mixer, architecture, batch_size, seed)
+    import keras  # after the fork above; TensorFlow is slow to import
+
+    keras.utils.set_random_seed(seed)
+    if init:
+        model, _ = model_lib.load(init)
+    else:
+        model = model_lib.build(architecture)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=_loss(architecture))
     name = name or architecture
@@ -90,14 +180,18 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
             "excluded": list(exclude), "seed": seed, "batch_size": batch_size,
             "labels": [str(d) for d in labels] if labels else None, "qc": str(qc) if qc else None,
             "steps_planned": steps, "train_shape": list(TRAIN_SHAPE), "contrast": contrast,
+            "synthetic_share": synthetic, "init": str(init) if init else None,
+            "learning_rate": learning_rate,
         },
+        "outputs": list(DISC_NAMES) + (list(model_lib.EXTRA_OUTPUTS) if architecture == "compact" else []),
         "parameters": model.count_params(),
     }
     start, done, losses = time.time(), 0, []
     while done < steps and time.time() - start < time_budget_s:
         n = min(CHUNK_STEPS, steps - done)
-        x, y = zip(*[_batch(mixer, architecture, batch_size) for _ in range(n)])
-        history = model.fit(np.concatenate(x), np.concatenate(y), batch_size=batch_size, epochs=1,
+        x, y = prefetch.get()
+        x, y = x[: n * batch_size], y[: n * batch_size]
+        history = model.fit(x, y, batch_size=batch_size, epochs=1,
                             verbose=0, shuffle=False)
         done += n
         losses.append(float(history.history["loss"][-1]))
@@ -105,6 +199,7 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
                                 final_loss=float(np.mean(losses[-4:])))
         model_lib.save(model, meta, out_dir, name)
         log(f"step {done}/{steps} loss {np.mean(losses[-4:]):.5f} {time.time() - start:.0f}s")
+    prefetch.close()
     return Path(out_dir) / f"{name}.keras"
 
 
