@@ -188,7 +188,7 @@ def test_cmake_installs_every_python_file_and_resource():
         assert resource in listed
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    for pattern in ("Resources/Models/*.keras", "Resources/Models/*.json", "Resources/Models/*.md"):
+    for pattern in ("Resources/Models/*.onnx", "Resources/Models/*.json", "Resources/Models/*.md"):
         assert pattern in text
 
 
