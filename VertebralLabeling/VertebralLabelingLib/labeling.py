@@ -102,10 +102,12 @@ class DiscLabeler:
         self.name = meta.get("name", self.architecture)
 
     @classmethod
-    def load(cls, name_or_path="compact") -> "DiscLabeler":
+    def load(cls, name_or_path="compact", threads: int = 0) -> "DiscLabeler":
         """A bundled name runs its ``.onnx`` on ONNX Runtime (no TensorFlow import); a
-        ``.keras`` path is loaded through Keras (safe mode), an ``.onnx`` path through ONNX Runtime."""
-        return cls(*model_lib.load(name_or_path))
+        ``.keras`` path is loaded through Keras (safe mode), an ``.onnx`` path through ONNX
+        Runtime.  ``threads``: ONNX Runtime threads per call (0: all cores).  ``label`` keeps no
+        state, so one labeler may serve several threads at once (the batch does)."""
+        return cls(*model_lib.load(name_or_path, threads))
 
     @property
     def parameters(self) -> int:

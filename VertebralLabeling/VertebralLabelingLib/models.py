@@ -146,17 +146,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return onnx_path if onnx_path.exists() else models_dir() / f"{name_or_path}.keras"
 
 
-def load(name_or_path: str | os.PathLike = "compact"):
+def load(name_or_path: str | os.PathLike = "compact", threads: int = 0):
     """(network, metadata) of a disc model; ModelError with a clear message if unusable.
 
     The network is a :class:`Network`: ONNX Runtime for ``.onnx`` files, Keras for ``.keras``.
+    ``threads``: ONNX Runtime's threads per call (0: all cores; the batch uses 1 per item and
+    runs several items at once).
     """
     def is_disc_model(meta, meta_path):
         if meta.get("architecture") not in ARCHITECTURES:
             return f"{meta_path} does not describe a VertebralLabeling model."
         return None
 
-    return load_with_metadata(resolve_model_path(name_or_path), is_disc_model)
+    return load_with_metadata(resolve_model_path(name_or_path), is_disc_model, threads)
 
 
 def read_metadata(path: Path, check_meta) -> dict:
@@ -178,14 +180,14 @@ def read_metadata(path: Path, check_meta) -> dict:
     return meta
 
 
-def load_with_metadata(path: Path, check_meta):
+def load_with_metadata(path: Path, check_meta, threads: int = 0):
     """(Network, metadata) for inference: an ``.onnx`` file runs on ONNX Runtime (no TensorFlow
     import), anything else is loaded through Keras in safe mode.  Errors as in
     :func:`load_keras_with_metadata`."""
     path = Path(path)
     meta = read_metadata(path, check_meta)
     if path.suffix == ".onnx":
-        return OnnxNetwork.load(path, meta), meta
+        return OnnxNetwork.load(path, meta, threads), meta
     model, meta = load_keras_with_metadata(path, check_meta)
     return KerasNetwork(model), meta
 
