@@ -13,7 +13,9 @@ Two architectures are available by name:
   Conv 128@5x5 -> Dense 512 -> Dense 512 -> Dropout 0.5 -> Dense 2 (linear), on an N x N crop.
 
 A model on disk is ``NAME.keras`` (weights + architecture) beside ``NAME.json`` (how to feed it:
-architecture, input size, heatmap stride, training metadata) and ``NAME.md`` (the model card).
+architecture, input size, heatmap stride, training metadata) and ``NAME.md`` (the model card),
+plus ``NAME.onnx``, the same network exported for ONNX Runtime (``onnx_export``), which is what
+inference loads for a bundled name: TensorFlow is needed only to train and export.
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ def write_dataset_description(deriv, bids=None) -> None:
 
 
 def model_identity(model) -> dict:
-    """Name, version and content hash of a model (bundled name or .keras path)."""
+    """Name, version and content hash of a model (bundled name, .onnx or .keras path); the hash
+    is of the file that runs (a bundled name's .onnx), so a re-export redoes the study."""
     from .models import resolve_model_path
 
     path = resolve_model_path(model)
@@ -269,9 +270,17 @@ def _init_worker(model, threads):
     _WORKER["labeler"] = DiscLabeler.load(model, threads=threads)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a SLURM task's allocation, not the whole node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
-    """Items in flight in one process: one per core, plus one to cover reads from disk."""
-    return (os.cpu_count() or 1) + 1
+    """Items in flight in one process: one per usable core, plus one to cover reads from disk."""
+    return usable_cores() + 1
 
 
 def _label_in_threads(todo, deriv, model_version, bids, threads):
@@ -473,7 +482,7 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
            f"model {identity['version']}, {workers} worker(s)")
     if todo:
         bar = Progress(len(todo), progress_stream)
-        per_process = max(1, (os.cpu_count() or 1) // min(workers, len(todo)))
+        per_process = max(1, usable_cores() // min(workers, len(todo)))
         records = []
         if min(workers, len(todo)) == 1:  # one process: items in threads, one loaded session
             in_flight = min(threads, len(todo))
