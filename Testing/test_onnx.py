@@ -208,20 +208,20 @@ def test_an_mri_onnx_is_not_an_xray_model(tmp_path):
 # -- no TensorFlow on the inference path ---------------------------------------------------------
 BLOCKER = '''
 import sys
-class _NoTensorFlow:
-    """Import hook: any import of tensorflow / keras fails, as in an install without them."""
+class _Blocked:
+    """Import hook: any import of the blocked packages fails, as in an install without them."""
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx"):
+        if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is blocked by the test (inference must not need it)")
         return None
-sys.meta_path.insert(0, _NoTensorFlow())
+sys.meta_path.insert(0, _Blocked())
 '''
 
 
-def _run_without_tensorflow(tmp_path, args):
+def _run_without_tensorflow(tmp_path, args, blocked=("tensorflow", "keras", "tf2onnx")):
     blocker_dir = tmp_path / "blocker"
     blocker_dir.mkdir(exist_ok=True)
-    (blocker_dir / "sitecustomize.py").write_text(BLOCKER)
+    (blocker_dir / "sitecustomize.py").write_text(f"BLOCKED = {tuple(blocked)!r}\n" + BLOCKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker_dir), str(REPO / "VertebralLabeling")]))
     code = ("import sys; from VertebralLabelingLib.cli import main; rc = main(sys.argv[1:]); "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; sys.exit(rc)")
@@ -260,3 +260,12 @@ def test_batch_and_xray_label_run_without_tensorflow(tmp_path):
     proc = _run_without_tensorflow(tmp_path, ["xray", "label", aset.image_path(0), "-o", tmp_path / "x.mrk.json"])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "x.mrk.json").exists()
+
+
+def test_without_onnxruntime_label_says_what_to_install(tmp_path):
+    image = require_path(data_root() / "mri" / "bids" / "sub-errsm18" / "anat" / "sub-errsm18_T2w.nii.gz")
+    proc = _run_without_tensorflow(tmp_path, ["label", image, "-o", tmp_path / "o.mrk.json"],
+                                   blocked=("tensorflow", "keras", "onnxruntime"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert "pip install onnxruntime" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.mrk.json").exists()
