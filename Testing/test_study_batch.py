@@ -180,6 +180,19 @@ def test_threads_in_one_process_give_the_points_of_one_at_a_time(study, tmp_path
     assert batch(mri_bids, tmp_path / "bad", "--threads", "0") == 2
 
 
+def test_stopping_the_threaded_batch_drops_the_queued_images(tmp_path, mri_bids):
+    """Ctrl-C (the consumer stops): the running image finishes, the queued ones are not labeled."""
+    from VertebralLabelingLib import study as study_lib
+
+    items = find_items(mri_bids)
+    study_lib._init_worker(fold_model(), 1)
+    records = study_lib._label_in_threads(items, tmp_path, "v", mri_bids, threads=1)
+    first = next(records)
+    records.close()
+    written = list(tmp_path.rglob("*_discs.json"))
+    assert first["status"] == "ok" and 1 <= len(written) <= 2 < len(items)
+
+
 def test_subjects_and_shards_partition_the_study(mri_bids):
     everyone = [i.key for i in find_items(mri_bids)]
     assert everyone == [f"{s}_T2w" for s in SUBJECTS]

@@ -292,13 +292,19 @@ def _label_in_threads(todo, deriv, model_version, bids, threads):
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="label") as pool:
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="label")
+    try:
         futures = {pool.submit(label_item, item, deriv, model_version, bids): item for item in todo}
         for future in as_completed(futures):
             try:
-                yield future.result()
+                record = future.result()
             except Exception as error:  # label_item records its own failures; this is a last resort
-                yield _crashed(futures[future], deriv, model_version, bids, error)
+                record = _crashed(futures[future], deriv, model_version, bids, error)
+            yield record
+    finally:
+        # On Ctrl-C (or any stop) the items already running finish their atomic writes and the
+        # queued ones are dropped, instead of labeling the rest of the study before exiting.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
