@@ -177,6 +177,17 @@ def test_export_refuses_non_keras_files(tmp_path):
         export_onnx(MODELS / "compact.onnx")
 
 
+def test_export_command_reports_bad_files_with_exit_2(tmp_path, capsys):
+    from VertebralLabelingLib.cli import main
+
+    assert main(["export-onnx", str(tmp_path / "missing.keras")]) == 2
+    assert capsys.readouterr().err.startswith("error: Model file not found")
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["export-onnx", str(tmp_path / "bad.keras")]) == 2
+    assert "corrupt" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
+
+
 # -- bad files -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("content", [b"", b"\x08\x01garbage" * 50], ids=["empty", "garbage"])
 def test_corrupt_onnx_is_a_model_error(tmp_path, content, capsys):
