@@ -4,7 +4,7 @@ from pathlib import Path
 
 from conftest import REPO, require_path
 
-FOLD_MODEL = REPO / "VertebralLabeling" / "Resources" / "Models" / "loso" / "compact-loso-sub-errsm18.keras"
+FOLD_MODEL = REPO / "VertebralLabeling" / "Resources" / "Models" / "loso" / "compact-loso-sub-errsm18.onnx"
 SUBJECTS = ("sub-errsm18", "sub-errsm20", "sub-errsm22", "sub-sctcrop")
 
 

@@ -105,14 +105,14 @@ def test_template_classes_and_logic_api(tree):
     assert [a.arg for a in methods["process"].args.args] == ["self", "volumeNode", "markupsNode", "progress",
                                                             "overwriteEdits"]
     assert "labelerFactory" in [a.arg for a in methods["__init__"].args.args]
-    for name in ("startLive", "stopLive", "manualNode", "export", "ensureTensorFlow"):
+    for name in ("startLive", "stopLive", "manualNode", "export", "ensureRuntime"):
         assert name in methods, name
     assert "categories = ['Spine']" in ast.unparse(c["CobbAngle"])
     # The live observer is the adapter's; the widget gets its callback.
     assert "xray_adapter.LiveCobb" in ast.unparse(methods["startLive"])
 
 
-def test_imports_are_lazy_and_tensorflow_is_installed_on_demand(tree):
+def test_imports_are_lazy_and_onnxruntime_is_installed_on_demand(tree):
     allowed = {"logging", "os", "sys", "ctk", "qt", "vtk", "slicer"}
     top = []
     for node in tree.body:

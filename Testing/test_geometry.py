@@ -129,3 +129,23 @@ def test_trilinear_sampling_matches_scipy():
     ijk[10:20] = 0
     expected = ndimage.map_coordinates(array, ijk.T, order=1, mode="nearest")
     np.testing.assert_allclose(trilinear(array, ijk), expected, atol=1e-5)
+
+
+def test_trilinear_reads_c_ordered_arrays_and_the_transposed_view_from_sitk():
+    """Volume.from_sitk keeps SimpleITK's (k, j, i) memory behind an (i, j, k) view (no copy);
+    trilinear must give map_coordinates' values for that layout and for a C-ordered array."""
+    from scipy import ndimage
+
+    from VertebralLabelingLib.volume import trilinear
+
+    rng = np.random.default_rng(3)
+    array = rng.random((9, 7, 5)).astype(np.float32)
+    view = np.transpose(np.ascontiguousarray(np.transpose(array, (2, 1, 0))), (2, 1, 0))
+    assert not view.flags.c_contiguous
+    ijk = rng.uniform(-1, 9, (500, 3))
+    expected = ndimage.map_coordinates(array, ijk.T, order=1, mode="nearest")
+    np.testing.assert_allclose(trilinear(array, ijk), expected, atol=1e-5)
+    np.testing.assert_allclose(trilinear(view, ijk), expected, atol=1e-5)
+    big = rng.random((40, 30, 20)).astype(np.float32)
+    volume = Volume.from_sitk(sitk.GetImageFromArray(np.transpose(big, (2, 1, 0)).copy()))
+    np.testing.assert_array_equal(volume.array, big)

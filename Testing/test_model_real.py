@@ -14,7 +14,7 @@ from VertebralLabelingLib.models import models_dir
 
 
 def fold_models():
-    folds = {p.stem.split("-loso-", 1)[1]: p for p in (models_dir() / "loso").glob("*-loso-*.keras")}
+    folds = {p.stem.split("-loso-", 1)[1]: p for p in (models_dir() / "loso").glob("*-loso-*.onnx")}
     assert len(folds) == 3, f"bundled fold models missing in {models_dir() / 'loso'}"
     return folds
 

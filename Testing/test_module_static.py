@@ -135,20 +135,36 @@ def test_module_imports_only_slicer_things_at_top(module_tree):
     allowed = {"logging", "os", "sys", "ctk", "qt", "vtk", "slicer"}
     top = set(imported_modules(module_tree, top_level_only=True))
     assert all(name.split(".")[0] in allowed for name in top), top
-    # The core (numpy, SimpleITK, TensorFlow) is imported lazily so the module loads without it.
+    # The core (numpy, SimpleITK, ONNX Runtime) is imported lazily so the module loads without it.
     assert not any(name.startswith("VertebralLabeling") for name in top)
 
 
-def test_tensorflow_is_installed_lazily_from_the_requirements_file(module_tree):
+def test_onnxruntime_is_installed_lazily_from_the_requirements_file(module_tree):
     source = MODULE_PY.read_text()
     assert "slicer.util.pip_install" in source and "requirements.txt" in source
     assert "confirmOkCancelDisplay" in source and "confirmYesNoDisplay" in source
+    assert "ensure_runtime(" in source and "WaitCursor" in source  # a wait indication while pip runs
     (requirements,) = [line.strip() for line in
                        (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
                        if line.strip() and not line.startswith("#")]
-    assert requirements == "tensorflow-cpu==2.21.0"
+    assert requirements.startswith("onnxruntime") and "==" not in requirements  # a range, not a pin
+    assert "tensorflow" not in source.lower().replace("needs tensorflow in slicer", "").replace(
+        "tensorflow is never installed", "")
     assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "tensorflow" in ast.unparse(n)
                    for n in module_tree.body)
+
+
+@pytest.mark.parametrize("module_py", [MODULE_PY, REPO / "CobbAngle" / "CobbAngle.py"], ids=lambda p: p.name)
+def test_modules_depend_on_markups_and_self_tests_skip_without_the_runtime(module_py):
+    source = module_py.read_text()
+    tree = ast.parse(source)
+    assert 'self.parent.dependencies = ["Markups"]' in source
+    assert "GetOrientationString" not in source  # deprecated in Slicer 5
+    (run_test,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "runTest"]
+    body = ast.unparse(run_test)
+    # the real-model tests come after the check and are skipped (return) with a message
+    assert "missing_requirements()" in body and "delayDisplay(message)" in body and "return" in body
+    assert body.index("missing_requirements()") < body.index("return")
 
 
 @pytest.mark.parametrize("path", sorted((MODULE_DIR / "VertebralLabelingLib").glob("*.py")),
@@ -188,7 +204,7 @@ def test_cmake_installs_every_python_file_and_resource():
         assert resource in listed
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    for pattern in ("Resources/Models/*.keras", "Resources/Models/*.json", "Resources/Models/*.md"):
+    for pattern in ("Resources/Models/*.onnx", "Resources/Models/*.json", "Resources/Models/*.md"):
         assert pattern in text
 
 

@@ -162,6 +162,37 @@ def test_two_workers_give_the_same_points(study, tmp_path, mri_bids):
             assert abs(float(r[c]) - float(ref[c])) < 0.05
 
 
+def test_threads_in_one_process_give_the_points_of_one_at_a_time(study, tmp_path, mri_bids):
+    """The default batch labels several images at once in threads of this process, sharing one
+    model; one image at a time (--threads 1) must give the same discs."""
+    deriv, summary = study
+    pids = {json.loads((anat(deriv, s) / f"{s}_T2w_discs.json").read_text())["pid"] for s in SUBJECTS}
+    assert pids == {os.getpid()} and summary["workers"] == 1
+    serial = tmp_path / "serial"
+    assert batch(mri_bids, serial, "--threads", "1") == 0
+    for s in SUBJECTS:
+        threaded = json.loads((anat(deriv, s) / f"{s}_T2w_discs.json").read_text())["discs"]
+        one = json.loads((anat(serial, s) / f"{s}_T2w_discs.json").read_text())["discs"]
+        assert [d["name"] for d in threaded] == [d["name"] for d in one]
+        for a, b in zip(threaded, one):
+            assert np.allclose(a["ras"], b["ras"], atol=1e-3) and abs(a["confidence"] - b["confidence"]) < 1e-3
+            assert a["flagged"] == b["flagged"]
+    assert batch(mri_bids, tmp_path / "bad", "--threads", "0") == 2
+
+
+def test_stopping_the_threaded_batch_drops_the_queued_images(tmp_path, mri_bids):
+    """Ctrl-C (the consumer stops): the running image finishes, the queued ones are not labeled."""
+    from VertebralLabelingLib import study as study_lib
+
+    items = find_items(mri_bids)
+    study_lib._init_worker(fold_model(), 1)
+    records = study_lib._label_in_threads(items, tmp_path, "v", mri_bids, threads=1)
+    first = next(records)
+    records.close()
+    written = list(tmp_path.rglob("*_discs.json"))
+    assert first["status"] == "ok" and 1 <= len(written) <= 2 < len(items)
+
+
 def test_subjects_and_shards_partition_the_study(mri_bids):
     everyone = [i.key for i in find_items(mri_bids)]
     assert everyone == [f"{s}_T2w" for s in SUBJECTS]

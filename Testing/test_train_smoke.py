@@ -16,6 +16,8 @@ def test_train_a_few_steps(tmp_path, mri_bids, pam50_dir):
     assert meta["training"]["steps_done"] == 2
     assert "sub-errsm22" not in meta["training"]["subjects"]
     assert meta["training"]["seed"] == 0
+    assert meta["onnx"]["file"] == "tiny.onnx" and (tmp_path / "tiny.onnx").exists()  # written by train
+    assert DiscLabeler.load(tmp_path / "tiny.onnx").label(make_phantom(seed=1)[0]).discs
     labeler = DiscLabeler.load(tmp_path / "tiny.keras")
     volume, _ = make_phantom(seed=1)
     result = labeler.label(volume)

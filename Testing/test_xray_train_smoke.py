@@ -53,3 +53,8 @@ def test_train_command_makes_a_loadable_model(tmp_path, capsys):
     heat, offsets = labeler._network(np.zeros((1, 640, 320, 1), np.float32))
     assert heat.shape == (1, 160, 80, 1) and offsets.shape == (1, 160, 80, 8)
     assert np.all(np.isfinite(heat)) and np.all(np.isfinite(offsets))
+    # training also wrote the ONNX export, recorded in the metadata, with the same outputs
+    assert meta["onnx"]["file"] == "tiny.onnx" and "tf2onnx" in meta["onnx"]["versions"]
+    exported = XrayLabeler.load(out / "tiny.onnx")
+    heat2, offsets2 = exported._network(np.zeros((1, 640, 320, 1), np.float32))
+    assert np.abs(heat2 - heat).max() <= 1e-4 and np.abs(offsets2 - offsets).max() <= 1e-4

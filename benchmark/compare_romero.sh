@@ -18,7 +18,7 @@ train("runs/romero", f"{data}/mri/bids", f"{data}/mri/pam50", architecture="rome
       name="romero2018-loso-sub-errsm20", learning_rate=1e-4, log=lambda m: print(m, flush=True))
 PY
 for model in runs/romero/romero2018-loso-sub-errsm20.keras \
-             VertebralLabeling/Resources/Models/loso/compact-loso-sub-errsm20.keras; do
+             VertebralLabeling/Resources/Models/loso/compact-loso-sub-errsm20.onnx; do
   .venv/bin/vertebral-labeling evaluate --bids "$DATA/mri/bids" --model "$model" \
-    --subjects sub-errsm20 sub-sctcrop --json "runs/eval_$(basename "$model" .keras).json"
+    --subjects sub-errsm20 sub-sctcrop --json "runs/eval_$(basename "${model%.*}").json"
 done

@@ -34,7 +34,7 @@ def main():
     left = qc_image(DiscLabeler.load("compact").label(phantom))
     image = next(img for sub, img, _ in find_bids_pairs(data_root() / "mri" / "bids")
                  if sub == args.subject)
-    fold = DiscLabeler.load(models_dir() / "loso" / f"compact-loso-{args.subject}.keras")
+    fold = DiscLabeler.load(models_dir() / "loso" / f"compact-loso-{args.subject}.onnx")
     right = qc_image(fold.label(load_volume(image)))
     height = max(left.height, right.height)
     canvas = Image.new("RGB", (left.width + right.width + 8, height))

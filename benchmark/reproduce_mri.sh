@@ -15,6 +15,6 @@ for held in sub-errsm18 sub-errsm20 sub-errsm22; do
 done
 $VL train --bids "$DATA/mri/bids" --pam50 "$DATA/mri/pam50" --out "$MODELS" --name compact --steps 1000 --seed 0
 $VL evaluate --bids "$DATA/mri/bids" --fold-dir "$MODELS/loso" \
-  --model "$MODELS/loso/compact-loso-sub-errsm18.keras" --json "$MODELS/eval_loso.json"
+  --model "$MODELS/loso/compact-loso-sub-errsm18.onnx" --json "$MODELS/eval_loso.json"
 VERTEBRAL_LABELING_MODELS="$MODELS" $VL evaluate --bids "$DATA/mri/bids" --json "$MODELS/eval_trained_on.json"
 VERTEBRAL_LABELING_MODELS="$MODELS" .venv/bin/python benchmark/benchmark_mri.py --bids "$DATA/mri/bids"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install the project into it.
-# Usage: source scripts/setup_env.sh [extra]   (extra: "test" adds pytest, jsonschema, slicer-core)
+# Usage: source scripts/setup_env.sh [extra]
+#   no extra: inference only (numpy, scipy, SimpleITK, pillow, onnxruntime: label, batch, evaluate)
+#   "train":  adds tensorflow-cpu, tf2onnx, onnx (train, xray train, export-onnx)
+#   "test":   the train extra plus pytest, jsonschema, slicer-core, selenium
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,8 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if [ "${1:-}" = "test" ]; then
-  .venv/bin/python -m pip install -q -e ".[test]"
+if [ -n "${1:-}" ]; then
+  .venv/bin/python -m pip install -q -e ".[$1]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -23,7 +23,8 @@ def _add_label(sub):
     p.add_argument("--qc", help="also write a QC picture (PNG)")
     p.add_argument("--slice", type=float, dest="slice_r", metavar="R_MM",
                    help="use the sagittal plane at this R coordinate (mm) instead of the automatic one")
-    p.add_argument("--model", default="compact", help="bundled model name or .keras path")
+    p.add_argument("--model", default="compact",
+                   help="bundled model name (runs its .onnx), or a .onnx or .keras path")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (they may hold corrections)")
 
@@ -33,7 +34,7 @@ def _add_evaluate(sub):
     p.add_argument("--bids", required=True)
     p.add_argument("--json", required=True, help="where to write the metrics")
     p.add_argument("--model", default="compact")
-    p.add_argument("--fold-dir", help="folder of NAME-loso-sub-X.keras models: each subject is "
+    p.add_argument("--fold-dir", help="folder of NAME-loso-sub-X.onnx (or .keras) models: each subject is "
                    "labeled by the model that did not see it (leave-one-subject-out)")
     p.add_argument("--subjects", nargs="*", help="only these subject ids")
 
@@ -69,6 +70,12 @@ def _add_train(sub):
                    "fail are left out unless their label is a human correction")
 
 
+def _add_export_onnx(sub):
+    p = sub.add_parser("export-onnx", help="convert .keras models to .onnx beside them "
+                       "(needs the train extra: tensorflow, tf2onnx, onnx)")
+    p.add_argument("models", nargs="+", metavar="MODEL.keras")
+
+
 def _add_phantom(sub):
     p = sub.add_parser("phantom", help="write a synthetic cervical-spine volume (demo / tests)")
     p.add_argument("output", help="image file to write, e.g. phantom.nii.gz")
@@ -88,7 +95,11 @@ def _add_stress(sub):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebral-labeling", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+<<<<<<< HEAD
     for add in (_add_label, _add_evaluate, _add_train, _add_phantom, _add_stress):
+=======
+    for add in (_add_label, _add_evaluate, _add_train, _add_export_onnx, _add_phantom):
+>>>>>>> issue10
         add(sub)
     for name, handler in HANDLERS.items():
         sub.choices[name].set_defaults(handler=handler)
@@ -151,8 +162,10 @@ def cmd_evaluate(args):
 
     folds = {}
     if args.fold_dir:
-        for path in Path(args.fold_dir).glob("*-loso-*.keras"):
-            folds[path.stem.split("-loso-", 1)[1]] = path
+        # .onnx wins over a .keras of the same fold (sorted: .keras first, then replaced)
+        for path in sorted(Path(args.fold_dir).glob("*-loso-*.*"), key=lambda p: p.suffix == ".onnx"):
+            if path.suffix in (".onnx", ".keras"):
+                folds[path.stem.split("-loso-", 1)[1]] = path
     metrics = evaluate(args.bids, model=args.model, model_for_subject=folds, subjects=args.subjects,
                        log=lambda m: print(m, file=sys.stderr))
     from .volume import write_atomic_bytes
@@ -195,6 +208,12 @@ def cmd_train(args):
     return 0
 
 
+def cmd_export_onnx(args):
+    from .onnx_export import run
+
+    return run(args.models)
+
+
 def cmd_phantom(args):
     from .phantom import make_phantom
     from .volume import write_image_atomic
@@ -218,7 +237,11 @@ def cmd_stress(args):
 
 
 HANDLERS = {"label": cmd_label, "evaluate": cmd_evaluate, "train": cmd_train,
+<<<<<<< HEAD
             "phantom": cmd_phantom, "stress": cmd_stress}
+=======
+            "export-onnx": cmd_export_onnx, "phantom": cmd_phantom}
+>>>>>>> issue10
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,13 @@ def register(sub) -> None:
     p.add_argument("--bids", required=True, help="BIDS dataset (only read, never written)")
     p.add_argument("--out", help="derivative folder (default: BIDS/derivatives/vertebral-labeling)")
     p.add_argument("--workers", type=int, default=1,
-                   help="parallel worker processes, each loading the model once (default 1)")
+                   help="worker processes, each loading the model once (default 1: one process "
+                   "labels --threads images at once with one loaded model, which keeps the cores busy)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="images in flight in one process (default: number of cores + 1)")
     p.add_argument("--contrast", default="T2w", help="image suffix to label (T2w, T1w, ...)")
-    p.add_argument("--model", default="compact", help="bundled model name or .keras path")
+    p.add_argument("--model", default="compact",
+                   help="bundled model name (runs its .onnx), or a .onnx or .keras path")
     p.add_argument("--overwrite", action="store_true",
                    help="label again images already done (files edited by hand are still kept)")
     p.add_argument("--overwrite-corrected", action="store_true",
@@ -82,7 +86,7 @@ def cmd_batch(args) -> int:
     from .volume import write_atomic_bytes
 
     shard = _shard(args.shard)
-    summary = run_batch(args.bids, args.out, model=args.model, workers=args.workers,
+    summary = run_batch(args.bids, args.out, model=args.model, workers=args.workers, threads=args.threads,
                         contrast=args.contrast, overwrite=args.overwrite,
                         overwrite_corrected=args.overwrite_corrected, subjects=args.subjects,
                         shard=shard, qc_file=args.qc, report=not args.no_report)

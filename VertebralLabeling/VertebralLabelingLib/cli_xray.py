@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--qc", help="also write a QC picture (PNG)")
     p.add_argument("--markups", help="manual mode: take the 68 corners from this .mrk.json "
                    "(e.g. corrected in Slicer) instead of running the model")
-    p.add_argument("--model", default="xray-compact", help="bundled model name or a .keras path")
+    p.add_argument("--model", default="xray-compact", help="bundled model name (runs its .onnx), or a .onnx or .keras path")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=cmd_label)
 

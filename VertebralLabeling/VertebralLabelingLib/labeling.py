@@ -98,28 +98,26 @@ class DiscLabeler:
     """Holds a loaded model; ``label(volume)`` runs the whole pipeline on one volume."""
 
     def __init__(self, model, meta: dict):
-        self.model = model
+        self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
         self.meta = meta
         self.architecture = meta["architecture"]
         self.name = meta.get("name", self.architecture)
-        self._predict = None
 
     @classmethod
-    def load(cls, name_or_path="compact") -> "DiscLabeler":
-        return cls(*model_lib.load(name_or_path))
+    def load(cls, name_or_path="compact", threads: int = 0) -> "DiscLabeler":
+        """A bundled name runs its ``.onnx`` on ONNX Runtime (no TensorFlow import); a
+        ``.keras`` path is loaded through Keras (safe mode), an ``.onnx`` path through ONNX
+        Runtime.  ``threads``: ONNX Runtime threads per call (0: all cores).  ``label`` keeps no
+        state, so one labeler may serve several threads at once (the batch does)."""
+        return cls(*model_lib.load(name_or_path, threads))
 
     @property
     def parameters(self) -> int:
-        return int(self.model.count_params())
+        return self.model.count_params()
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        if self._predict is None:
-            import tensorflow as tf
-
-            # One graph per padded input shape (shapes are bucketed, see _run_compact): a traced
-            # graph runs about twice as fast as eager calls on 2 CPU cores.
-            self._predict = tf.function(lambda x: self.model(x, training=False))
-        return np.asarray(self._predict(batch))
+        """The network's first output for a batch (n, h, w, 1); channels as the model has them."""
+        return self.model.run(np.ascontiguousarray(batch, dtype=np.float32))[0]
 
     def label(self, volume: Volume, slice_r_mm: float | None = None, progress=None) -> LabelingResult:
         """Label the discs of ``volume``; ``slice_r_mm`` forces a sagittal plane at that R."""

@@ -18,8 +18,12 @@ its hash was edited by a person and is never replaced (unless ``overwrite_correc
 named ``*_desc-corrected_discs.mrk.json`` (saved by the Slicer study panel or by hand) are never
 written by the batch at all, and they win over the prediction in ``discs.csv``.
 
-Items run in parallel in worker processes (``workers``), each loading the model once.  One
-item's failure is recorded (table, log) and never stops the others.  ``shard=(k, n)`` and
+By default one process labels ``threads`` items at once (one per core, plus one) with a single
+loaded ONNX Runtime session: while one thread runs the network, the others read and decompress
+their volumes or write outputs, all of which release the GIL, so both cores stay busy without
+the start-up and memory of extra processes.  ``workers`` > 1 runs worker processes instead
+(each loading the model once).  One item's failure is recorded (table, log) and never stops the
+others.  ``shard=(k, n)`` and
 ``subjects`` select a subset, so many machines (a SLURM job array, ...) can share one study.
 """
 
@@ -177,7 +181,8 @@ def write_dataset_description(deriv, bids=None) -> None:
 
 
 def model_identity(model) -> dict:
-    """Name, version and content hash of a model (bundled name or .keras path)."""
+    """Name, version and content hash of a model (bundled name, .onnx or .keras path); the hash
+    is of the file that runs (a bundled name's .onnx), so a re-export redoes the study."""
     from .models import resolve_model_path
 
     path = resolve_model_path(model)
@@ -258,19 +263,48 @@ _WORKER = {}
 
 
 def _init_worker(model, threads):
-    """Worker set-up: limit TensorFlow's threads to its share of the cores, load the model once."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if threads:
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
-        except RuntimeError:  # already initialised in this process
-            pass
+    """Worker set-up: load the model once, ONNX Runtime limited to ``threads`` per call (0: all)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only for a user's .keras model
     from .labeling import DiscLabeler
 
-    _WORKER["labeler"] = DiscLabeler.load(model)
+    _WORKER["labeler"] = DiscLabeler.load(model, threads=threads)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a SLURM task's allocation, not the whole node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Items in flight in one process: one per usable core, plus one to cover reads from disk."""
+    return usable_cores() + 1
+
+
+def _label_in_threads(todo, deriv, model_version, bids, threads):
+    """Label ``todo`` with ``threads`` items in flight in this process; yield records as they end.
+
+    The labeler keeps no state between calls and ONNX Runtime sessions may run concurrently, so
+    the threads share one model.  Each thread reads its own volume when it starts an item, so
+    at most ``threads`` volumes are in memory.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="label")
+    try:
+        futures = {pool.submit(label_item, item, deriv, model_version, bids): item for item in todo}
+        for future in as_completed(futures):
+            try:
+                record = future.result()
+            except Exception as error:  # label_item records its own failures; this is a last resort
+                record = _crashed(futures[future], deriv, model_version, bids, error)
+            yield record
+    finally:
+        # On Ctrl-C (or any stop) the items already running finish their atomic writes and the
+        # queued ones are dropped, instead of labeling the rest of the study before exiting.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
@@ -409,12 +443,18 @@ class BatchSummary:
 
 def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str = "T2w",
               overwrite=False, overwrite_corrected=False, subjects=None, shard=None, qc_file=None,
-              log=None, progress_stream=None, report=True) -> BatchSummary:
-    """Label every matching image of ``bids`` into ``deriv``; see the module docstring."""
+              log=None, progress_stream=None, report=True, threads: int | None = None) -> BatchSummary:
+    """Label every matching image of ``bids`` into ``deriv``; see the module docstring.
+
+    ``threads``: items labeled at once in one process (default :func:`default_threads`).
+    """
     bids = Path(bids)
     deriv = Path(deriv) if deriv else default_derivative(bids)
     if workers < 1:
         raise InputError("--workers must be at least 1")
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise InputError("--threads must be at least 1")
     items = find_items(bids, contrast, subjects, shard)
     identity = model_identity(model)
     if identity["sha256_12"] == "missing":
@@ -448,13 +488,14 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
            f"model {identity['version']}, {workers} worker(s)")
     if todo:
         bar = Progress(len(todo), progress_stream)
-        threads = max(1, (os.cpu_count() or 1) // min(workers, len(todo)))
+        per_process = max(1, usable_cores() // min(workers, len(todo)))
         records = []
-        if min(workers, len(todo)) == 1:  # no process pool for a single image or worker
-            _init_worker(model, 0)
+        if min(workers, len(todo)) == 1:  # one process: items in threads, one loaded session
+            in_flight = min(threads, len(todo))
+            _init_worker(model, 1 if in_flight > 1 else 0)  # parallel items, not parallel kernels
             t_label = bar.start = time.perf_counter()
-            for item in todo:
-                records.append(_run_one(item, deriv, identity["version"], bids))
+            for record in _label_in_threads(todo, deriv, identity["version"], bids, in_flight):
+                records.append(record)
                 _report_record(records[-1], logger, bar)
             t_end = time.perf_counter()
         else:
@@ -462,10 +503,10 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
             from concurrent.futures import ProcessPoolExecutor, as_completed
             from concurrent.futures.process import BrokenProcessPool
 
-            context = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
+            context = multiprocessing.get_context("spawn")  # ONNX Runtime / TensorFlow are not fork-safe
             try:
                 pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
-                                           initializer=_init_worker, initargs=(model, threads))
+                                           initializer=_init_worker, initargs=(model, per_process))
                 _warm_pool(pool, min(workers, len(todo)))  # start-up + model loading untimed
             except BrokenProcessPool as error:
                 from .errors import ModelError

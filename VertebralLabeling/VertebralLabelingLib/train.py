@@ -200,7 +200,27 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
         model_lib.save(model, meta, out_dir, name)
         log(f"step {done}/{steps} loss {np.mean(losses[-4:]):.5f} {time.time() - start:.0f}s")
     prefetch.close()
-    return Path(out_dir) / f"{name}.keras"
+    path = Path(out_dir) / f"{name}.keras"
+    export_after_training(path, log)
+    return path
+
+
+def export_after_training(path: Path, log=print) -> Path:
+    """Write NAME.onnx beside the trained NAME.keras (what label, batch and Slicer run).
+
+    Only once, at the end: an export takes seconds, checkpoints are for resuming and stay Keras.
+    A failed export keeps the .keras and says how to retry.
+    """
+    from .errors import ModelError
+    from .onnx_export import export_onnx
+
+    try:
+        onnx_path = export_onnx(path)
+    except ModelError as error:
+        raise ModelError(f"{path} was saved, but its ONNX export failed ({error}); retry with "
+                         f"`vertebral-labeling export-onnx {path}`.") from error
+    log(f"exported {onnx_path}")
+    return onnx_path
 
 
 def default_sources():

@@ -159,14 +159,15 @@ class XrayLabeler:
     """A loaded landmark model; ``label(radiograph)`` runs the whole pipeline."""
 
     def __init__(self, model, meta: dict):
-        self.model = model
+        from . import models as model_lib
+
+        self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
         self.meta = meta
         self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
         self.flip = bool(meta.get("tta_flip", False))
         self.tilt_smoothing = float(meta.get("tilt_smoothing", 0.0))
         self.nms = int(meta.get("nms", 3))
         self.chain = float(meta.get("chain_decoding", 0.0))
-        self._predict = None
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
@@ -175,13 +176,9 @@ class XrayLabeler:
         return cls(*load(name_or_path))
 
     def _network(self, batch: np.ndarray):
-        if self._predict is None:
-            import tensorflow as tf
-
-            self._predict = tf.function(lambda x: self.model(x, training=False),
-                                        reduce_retracing=True)
-        heat, offsets = self._predict(batch)
-        return np.asarray(heat), np.asarray(offsets)
+        """(heatmap, offsets) for a batch (n, h, w, 1): the model's two outputs in Keras order."""
+        heat, offsets = self.model.run(np.ascontiguousarray(batch, dtype=np.float32))
+        return heat, offsets
 
     def predict_input(self, image: np.ndarray):
         """Corners (68, 2) and peaks (17,) in input pixels of one prepared input image.

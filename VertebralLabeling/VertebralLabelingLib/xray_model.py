@@ -81,12 +81,16 @@ def save(model, meta: dict, out_dir, name: str = DEFAULT_MODEL) -> Path:
 
 
 def load(name_or_path=DEFAULT_MODEL):
-    """(keras model, metadata); ModelError with a clear message for anything unusable."""
+    """(network, metadata); ModelError with a clear message for anything unusable.
+
+    The bundled name runs on ONNX Runtime (``xray-compact.onnx``); a ``.keras`` path is loaded
+    through Keras, an ``.onnx`` path through ONNX Runtime (see ``models.load_with_metadata``).
+    """
     path = model_lib.resolve_model_path(name_or_path)
     if not path.exists():
         raise ModelError(f"Model file not found: {path}")
-    if path.is_dir() or path.suffix != ".keras":
-        raise ModelError(f"{path} is not a .keras model file.")
+    if path.is_dir() or path.suffix not in model_lib.MODEL_SUFFIXES:
+        raise ModelError(f"{path} is not a model file (.onnx or .keras).")
 
     def is_xray_model(meta, meta_path):
         if not isinstance(meta, dict) or meta.get("task") != TASK:
@@ -94,11 +98,19 @@ def load(name_or_path=DEFAULT_MODEL):
                     f"{meta.get('task') if isinstance(meta, dict) else None!r}, expected {TASK!r}).")
         return None
 
-    model, meta = model_lib.load_keras_with_metadata(path, is_xray_model)
-    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
-    if len(outputs) != 2 or outputs[0].shape[-1] != 1 or outputs[1].shape[-1] != 8:
+    network, meta = model_lib.load_with_metadata(path, is_xray_model)
+    if network.output_channels != [1, 8]:
         raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets).")
-    return model, meta
+    return network, meta
+
+
+def load_keras(name_or_path=DEFAULT_MODEL):
+    """(keras model, metadata) of a ``.keras`` X-ray model, for training from it (``--init``)."""
+    path = model_lib.resolve_model_path(name_or_path)
+    if path.suffix == ".onnx":
+        path = path.with_suffix(".keras")
+    network, meta = load(path)
+    return network.model, meta
 
 
 def models_dir_file(filename: str) -> Path:

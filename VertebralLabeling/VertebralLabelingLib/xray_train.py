@@ -126,7 +126,7 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     model = xray_model.build(width)
     previous = None
     if init:  # continue from a saved model (a second cosine cycle)
-        start_model, previous = xray_model.load(init)
+        start_model, previous = xray_model.load_keras(init)
         model.set_weights(start_model.get_weights())
         log(f"initialised from {init} ({previous.get('steps')} steps)")
     n_params = xray_model.model_lib.count_parameters(model)
@@ -202,4 +202,7 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     out_path = xray_model.save(model, dict(meta, steps=s, history=history,
                                            train_minutes=round(elapsed / 60, 1)), out_dir, name)
     (Path(out_dir) / f"{name}.history.json").write_text(json.dumps(history, indent=2) + "\n")
+    from .train import export_after_training
+
+    export_after_training(out_path, log)
     return out_path
