@@ -95,11 +95,7 @@ def _add_stress(sub):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebral-labeling", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-<<<<<<< HEAD
-    for add in (_add_label, _add_evaluate, _add_train, _add_phantom, _add_stress):
-=======
-    for add in (_add_label, _add_evaluate, _add_train, _add_export_onnx, _add_phantom):
->>>>>>> issue10
+    for add in (_add_label, _add_evaluate, _add_train, _add_export_onnx, _add_phantom, _add_stress):
         add(sub)
     for name, handler in HANDLERS.items():
         sub.choices[name].set_defaults(handler=handler)
@@ -237,11 +233,7 @@ def cmd_stress(args):
 
 
 HANDLERS = {"label": cmd_label, "evaluate": cmd_evaluate, "train": cmd_train,
-<<<<<<< HEAD
-            "phantom": cmd_phantom, "stress": cmd_stress}
-=======
-            "export-onnx": cmd_export_onnx, "phantom": cmd_phantom}
->>>>>>> issue10
+            "export-onnx": cmd_export_onnx, "phantom": cmd_phantom, "stress": cmd_stress}
 
 
 def main(argv=None) -> int:
