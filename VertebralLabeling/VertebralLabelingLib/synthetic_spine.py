@@ -338,6 +338,8 @@ def random_spine(rng: np.random.Generator, shapes: tuple | None = None) -> Synth
     bend = bend * factor + rng.normal(0, 0.03, bend.shape)
     start_angle = angles[0] + rng.uniform(-0.35, 0.35)
     new_angles = start_angle + np.concatenate([[0.0], np.cumsum(bend)])
+    # Never more than 55 degrees from vertical: a cervical spine does not fold back on itself.
+    new_angles = np.clip(new_angles, -np.pi / 2 - 0.96, -np.pi / 2 + 0.96)
     lengths = np.linalg.norm(seg, axis=1) * np.exp(rng.normal(0, 0.06, len(seg)))
     steps = np.stack([np.cos(new_angles), np.sin(new_angles)], axis=1) * lengths[:, None]
     chain = np.concatenate([[[0.0, 0.0]], np.cumsum(steps, axis=0)])

@@ -159,7 +159,7 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
 
     keras.utils.set_random_seed(seed)
     if init:
-        model, _ = model_lib.load(init)
+        model = _initial_model(init, architecture)
     else:
         model = model_lib.build(architecture)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
@@ -221,6 +221,20 @@ def export_after_training(path: Path, log=print) -> Path:
                          f"`vertebral-labeling export-onnx {path}`.") from error
     log(f"exported {onnx_path}")
     return onnx_path
+
+
+def _initial_model(init, architecture):
+    """The Keras model to continue from (a bundled name means its .keras, not its .onnx)."""
+    path = model_lib.resolve_model_path(init)
+    if path.suffix == ".onnx":
+        path = path.with_suffix(".keras")
+
+    def same_architecture(meta, meta_path):
+        if meta.get("architecture") != architecture:
+            return f"{meta_path} is not a {architecture} model; cannot continue training from it."
+        return None
+
+    return model_lib.load_keras_with_metadata(path, same_architecture)[0]
 
 
 def default_sources():
