@@ -137,8 +137,9 @@ class SyntheticSpine:
                     h_near=h[idx, nearest], alpha=alpha, h_top=h[:, 0], v_top=v[:, 0],
                     w_top=w[:, 0])
 
-    def tissue_at(self, points: np.ndarray) -> np.ndarray:
-        """Tissue class (uint8) at RAS points (N, 3)."""
+    def tissue_at(self, points: np.ndarray, with_level: bool = False):
+        """Tissue class (uint8) at RAS points (N, 3); with ``with_level`` also the index of the
+        nearest disc plane (lets a renderer vary each disc and body on its own)."""
         points = np.asarray(points, np.float32).reshape(-1, 3)
         c = self.local_coordinates(points)
         p = self.params
@@ -198,7 +199,7 @@ class SyntheticSpine:
         self._bodies_and_discs(out, c)
         # --- C1 arches, dens, skull base with the brain behind the clivus.
         self._craniocervical(out, c)
-        return out
+        return (out, c["nearest"]) if with_level else out
 
     def _bodies_and_discs(self, out, c):
         n_planes = len(self.planes)
@@ -417,15 +418,15 @@ def _soft_params(rng, n_planes, depth):
     spinous[5] = max(spinous[5], u(30, 45))   # C7: vertebra prominens
     septa = [(u(8, 50), u(0.6, 1.8), u(-0.2, 0.2)) for _ in range(rng.integers(0, 5))]
     blobs = []
-    for _ in range(rng.integers(0, 7)):
-        blobs.append(((u(25, 90), u(-90, 70)), (u(4, 20), u(4, 25), u(5, 20)),
-                      int(rng.choice([AIR, FAT, MUSCLE, SOFT, CSF]))))
+    for _ in range(rng.integers(1, 10)):  # tongue, mandible, hyoid, thyroid, vessels, pharynx
+        blobs.append(((u(20, 100), u(-100, 80)), (u(3, 22), u(3, 28), u(4, 20)),
+                      int(rng.choice([AIR, AIR, FAT, MUSCLE, SOFT, CSF, MARROW, CORTEX]))))
     return dict(
         ant_neck=u(55, 95), face_extra=u(0, 60), chest_extra=u(0, 80), chest_start=u(70, 130),
         post_neck=u(45, 100), head_extra=u(0, 50), neck_half_width=u(45, 70),
         fat_ant=u(2, 10), fat_post=u(3, 14), septa=septa, blobs=blobs,
-        prevert_upper=u(2.5, 7), prevert_lower=u(8, 20), airway_ap=u(8, 22),
-        airway_half_width=u(6, 14), airway_top=u(20, 60),
+        prevert_upper=u(2.5, 7), prevert_lower=u(8, 20), airway_ap=u(8, 30),
+        airway_half_width=u(6, 16), airway_top=u(20, 80),
         canal_ap=u(11, 17) * (0.7 if rng.random() < 0.1 else 1.0), canal_half_width=u(10, 14),
         cord_ap=u(5.5, 9), cord_width=u(9, 13), cord_position=u(0.4, 0.6), brainstem_growth=u(0.5, 1.2),
         pll=u(0.4, 1.2), body_half_width=u(8, 12), cortex=u(0.8, 1.8),
@@ -481,10 +482,13 @@ def render_sample(rng: np.random.Generator, shape=(192, 128), spine: SyntheticSp
                          indexing="ij")
     grid = origin + rr[..., None] * row + cc[..., None] * col
     table = tissue_intensities(rng, family)
+    # Each disc and body varies on its own (degeneration, marrow fat): tissue x level factors.
+    per_level = np.exp(rng.normal(0, 0.18, (N_TISSUES, len(spine.planes))))
+    per_level[[AIR, SOFT, FAT, MUSCLE, CSF, CORD, BRAIN]] = 1.0
     image = np.zeros(shape, np.float32)
     for offset in offsets:
-        tissues = spine.tissue_at((grid + offset * normal).reshape(-1, 3)).reshape(shape)
-        image += table[tissues]
+        tissues, level = spine.tissue_at((grid + offset * normal).reshape(-1, 3), with_level=True)
+        image += (table[tissues] * per_level[tissues, level]).reshape(shape)
     image /= len(offsets)
     image = _scanner_effects(rng, image)
     inside = _field_of_view(rng, spine, origin, row, col, normal, shape)
@@ -565,7 +569,7 @@ def _field_of_view(rng, spine, origin, row, col, normal, shape):
             inside[:, :cut] = False
         else:
             inside[:, shape[1] - cut:] = False
-    if inside.sum() < 0.1 * inside.size:
+    if inside.sum() < 0.3 * inside.size:
         inside[:] = True
     return inside
 
