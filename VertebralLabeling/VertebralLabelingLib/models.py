@@ -136,11 +136,41 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 def load(name_or_path: str | os.PathLike = "compact"):
     """Load a model and its metadata; raise ModelError with a clear message if unusable."""
     def is_disc_model(meta, meta_path):
-        if meta.get("architecture") not in ARCHITECTURES:
+        if not isinstance(meta, dict) or meta.get("architecture") not in ARCHITECTURES:
             return f"{meta_path} does not describe a VertebralLabeling model."
         return None
 
-    return load_keras_with_metadata(resolve_model_path(name_or_path), is_disc_model)
+    path = resolve_model_path(name_or_path)
+    model, meta = load_keras_with_metadata(path, is_disc_model)
+    check_disc_shapes(model, meta, path)
+    return model, meta
+
+
+def check_disc_shapes(model, meta: dict, path) -> None:
+    """Refuse a model whose input or output shape is not what its architecture needs.
+
+    Why: the metadata names the architecture, but the .keras file may hold anything; a wrong
+    shape would otherwise fail deep inside TensorFlow with a traceback (or, worse, decode a
+    heatmap of the wrong number of discs).
+    """
+    inputs = model.inputs if isinstance(model.inputs, (list, tuple)) else [model.inputs]
+    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
+    n = len(DISC_NAMES)
+    name = Path(path).name
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{name} has {len(inputs)} inputs and {len(outputs)} outputs; a disc model "
+                         "has one of each.")
+    shape_in, shape_out = tuple(inputs[0].shape), tuple(outputs[0].shape)
+    if meta["architecture"] == "compact":
+        ok = len(shape_in) == 4 and shape_in[-1] == 1 and len(shape_out) == 4 and shape_out[-1] == n
+        want = f"(batch, H, W, 1) -> (batch, H/2, W/2, {n})"
+    else:
+        size = int(meta.get("romero_input", ROMERO_INPUT))
+        ok = shape_in[1:] == (size, size, 1) and shape_out[1:] == (n, 2)
+        want = f"(batch, {size}, {size}, 1) -> (batch, {n}, 2)"
+    if not ok:
+        raise ModelError(f"{name} maps {shape_in} -> {shape_out}, but a {meta['architecture']} disc "
+                         f"model maps {want}; it is not a VertebralLabeling disc model.")
 
 
 def load_keras_with_metadata(path: Path, check_meta):

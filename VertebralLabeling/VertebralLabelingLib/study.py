@@ -26,7 +26,7 @@ item's failure is recorded (table, log) and never stops the others.  ``shard=(k,
 from __future__ import annotations
 
 import csv
-import glob
+import fnmatch
 import hashlib
 import io
 import json
@@ -87,16 +87,19 @@ def find_items(bids, contrast: str = "T2w", subjects=None, shard=None) -> list[I
     bids = Path(bids)
     if not bids.is_dir():
         raise InputError(f"BIDS folder not found: {bids}")
-    items = []
-    for image in sorted(glob.glob(str(bids / "sub-*" / "**" / f"*_{contrast}.nii*"), recursive=True)):
-        image = Path(image)
+    items, keys = [], set()
+    for image in walk_files(bids, lambda rel: _SUBJECT.match(rel.parts[0]) is not None,
+                            lambda name: fnmatch.fnmatch(name, f"*_{contrast}.nii*")):
         rel = image.relative_to(bids)
         if not _SUBJECT.match(rel.parts[0]) or "derivatives" in rel.parts:
             continue
         session = next((p for p in rel.parts[1:-1] if p.startswith("ses-")), "")
+        stem = image.name.split(".nii")[0]
+        if stem in keys:  # the same image reached twice (a symlinked folder): label it once
+            continue
+        keys.add(stem)
         # abspath, not resolve(): symlinked datasets (DataLad, git-annex) keep their own paths
-        items.append(Item(rel.parts[0], session, Path(os.path.abspath(image)), rel.parent,
-                          image.name.split(".nii")[0]))
+        items.append(Item(rel.parts[0], session, Path(os.path.abspath(image)), rel.parent, stem))
     if not items:
         raise InputError(f"No *_{contrast}.nii[.gz] images found under {bids}/sub-*/.")
     if subjects:
@@ -111,6 +114,51 @@ def find_items(bids, contrast: str = "T2w", subjects=None, shard=None) -> list[I
         mine = set(order[k::n])
         items = [item for item in items if item.subject in mine]
     return items
+
+
+#: Deepest folder level below the dataset root that is searched for images.
+MAX_WALK_DEPTH = 12
+
+
+def walk_files(root, top_ok, name_ok, max_depth: int = MAX_WALK_DEPTH) -> list[Path]:
+    """Files under ``root`` whose name passes ``name_ok``, sorted, each folder visited once.
+
+    Why not ``glob("**")``: it follows symlinked folders without remembering where it has been,
+    so a symlink loop in a dataset makes it list one image again and again (or never end).
+    Here symlinked folders are followed (DataLad/git-annex datasets use links) but every real
+    folder is entered once, and the depth is bounded.  ``top_ok(relative path)`` filters the
+    first level (``sub-*``).
+    """
+    root = Path(root)
+    seen, found = set(), []
+
+    def visit(folder: Path, depth: int):
+        try:
+            stat = folder.stat()
+        except OSError:
+            return
+        if (stat.st_dev, stat.st_ino) in seen or depth > max_depth:
+            return
+        seen.add((stat.st_dev, stat.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if depth == 0 and not top_ok(path.relative_to(root)):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links; a dangling or looping link is False/raises
+            except OSError:
+                continue
+            if is_dir:
+                visit(path, depth + 1)
+            elif name_ok(entry.name):
+                found.append(path)
+
+    visit(root, 0)
+    return sorted(found)
 
 
 def parse_shard(text: str | None):
@@ -600,11 +648,10 @@ def study_entries(deriv, bids=None, contrast="T2w"):
 
             bids = Path(unquote(urlparse(url).path))
     entries = []
-    for path in sorted(glob.glob(str(deriv / "sub-*" / "**" / f"*_{contrast}{SUFFIX_RECORD}"),
-                                 recursive=True)):
-        path = Path(path)
+    for path in walk_files(deriv, lambda rel: rel.parts[0].startswith("sub-"),
+                           lambda name: name.endswith(f"_{contrast}{SUFFIX_RECORD}")):
         record = read_json(path)
-        if not record:
+        if not isinstance(record, dict) or not record:
             continue
         image = Path(record.get("image", ""))
         if not image.is_absolute() and bids is not None:
