@@ -77,11 +77,26 @@ def _shard(text):
     return parse_shard(text)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (kill, SLURM time limit) ends the batch like Ctrl+C: temporaries are removed and
+    the workers are stopped on the way out, instead of the process vanishing mid-write."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (embedded use)
+        pass
+
+
 def cmd_batch(args) -> int:
     from .study import run_batch
     from .volume import write_atomic_bytes
 
     shard = _shard(args.shard)
+    _exit_on_sigterm()
     summary = run_batch(args.bids, args.out, model=args.model, workers=args.workers,
                         contrast=args.contrast, overwrite=args.overwrite,
                         overwrite_corrected=args.overwrite_corrected, subjects=args.subjects,

@@ -305,9 +305,79 @@ def plan(item: Item, deriv, model_version: str, overwrite=False, overwrite_corre
 _WORKER = {}
 
 
+def die_with_parent() -> None:
+    """Make this worker process end when the batch process that started it ends.
+
+    Why: a killed batch (SIGKILL, out-of-memory killer, closed terminal) otherwise leaves its
+    workers running, each holding a model (0.7 GB).  Linux delivers SIGKILL on the parent's
+    death (prctl PR_SET_PDEATHSIG); elsewhere, and as a backstop, a daemon thread watches the
+    parent process id and exits when the worker has been re-parented.
+    """
+    import threading
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+#: Temporary files of our atomic writers: ``.NAME.tmp-PID``, ``.tmp-PID-NAME``, ``.part-PID-NAME``.
+_TEMPORARY = re.compile(r"^\.(?:.+\.tmp-(\d+)|tmp-(\d+)-.+|part-(\d+)-.+)$")
+
+
+def remove_stale_temporaries(deriv, min_age_s: float = 60.0, max_age_s: float = 3600.0) -> list[Path]:
+    """Delete temporary files that a killed run left in the derivative folder.
+
+    A temporary is stale when the process in its name is gone and it is older than ``min_age_s``,
+    or when it is older than ``max_age_s`` whatever its process (shards on other machines write
+    to the same folder, so a young file of an unknown process is left alone).
+    """
+    removed, now = [], time.time()
+    for path in walk_files(deriv, lambda rel: True, lambda name: _TEMPORARY.match(name) is not None):
+        pid = int(next(g for g in _TEMPORARY.match(path.name).groups() if g))
+        try:
+            age = now - path.lstat().st_mtime
+        except OSError:
+            continue
+        alive = True
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except OSError:
+                pass
+        else:
+            alive = False
+        if age > max_age_s or (not alive and age > min_age_s):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 def _init_worker(model, threads):
     """Worker set-up: limit TensorFlow's threads to its share of the cores, load the model once."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if threads:  # a pool worker (threads=0 is the batch process itself)
+        die_with_parent()
     if threads:
         import tensorflow as tf
 
@@ -322,8 +392,15 @@ def _init_worker(model, threads):
 
 
 def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
-    """Label one item and write its outputs and record; never raises (failures are recorded)."""
+    """Label one item and write its outputs and record; never raises (failures are recorded).
+
+    The record is a journal: it says ``started`` before anything is written and ``ok`` (with the
+    outputs' hashes) only after all outputs are in place, and the outputs are written
+    all-or-nothing.  A run killed in between leaves ``started``, so the next run labels the
+    item again instead of taking its outputs for a person's files and skipping it for good.
+    """
     from . import export
+    from .outputs import write_all
     from .volume import load_volume
 
     deriv = Path(deriv)
@@ -331,22 +408,24 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
     record = {"key": item.key, "subject": item.subject, "session": item.session,
               "image": _rel_image(item, bids), "model_version": model_version,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
+    record_path = item.path(deriv, SUFFIX_RECORD)
     try:
+        write_json(record_path, dict(record, status="started"))
         stat = item.image.stat()
         record.update(image_sha256=sha256_file(item.image), image_size=stat.st_size,
                       image_mtime_ns=stat.st_mtime_ns)
         volume = load_volume(item.image)
         result = _WORKER["labeler"].label(volume)
-        outputs = {}
         writers = ((SUFFIX_DLABEL, lambda p: export.write_disc_label_nifti(result.discs, volume, p)),
                    (SUFFIX_MARKUPS, lambda p: export.write_markups_json(result.discs, p)),
                    (SUFFIX_QC, lambda p: export.write_qc_png(result, p)))
-        for suffix, write in writers:
-            path = item.path(deriv, suffix)
-            write(path)
-            outputs[path.name] = sha256_file(path)
+        write_all([(item.path(deriv, suffix), write) for suffix, write in writers])
+        outputs = {item.path(deriv, suffix).name: sha256_file(item.path(deriv, suffix))
+                   for suffix, _ in writers}
         record.update(status="ok", outputs=outputs, discs=[d.to_dict() for d in result.discs],
-                      warnings=list(result.warnings), spine_found=bool(result.spine_found))
+                      warnings=list(result.warnings), spine_found=bool(result.spine_found),
+                      geometry={"shape": [int(n) for n in volume.array.shape],
+                                "ijk_to_ras": [[float(v) for v in row] for row in volume.ijk_to_ras]})
     except Exception as error:  # one image's failure never stops the study
         from .errors import VertebralLabelingError
 
@@ -354,7 +433,7 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
         if not isinstance(error, VertebralLabelingError):
             record["traceback"] = traceback.format_exc(limit=8)
     record["seconds"] = round(time.perf_counter() - start, 3)
-    write_json(item.path(deriv, SUFFIX_RECORD), record)
+    write_json(record_path, record)
     return record
 
 
@@ -477,6 +556,9 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
         raise InputError(f"Cannot write the derivative folder {deriv} ({error.strerror}); "
                          "pass --out to write it elsewhere (e.g. when the dataset is read-only).")
     logger = _Log(deriv / LOG_NAME, log)
+    stale = remove_stale_temporaries(deriv)
+    if stale:
+        logger(f"removed {len(stale)} temporary file(s) left by an interrupted run")
     t0 = time.perf_counter()
     summary = BatchSummary(workers=workers)
     todo = []
@@ -522,16 +604,20 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
                 raise ModelError(f"The worker processes could not start or load the model "
                                  f"{model} ({error}); try --workers 1 to see the error.") from error
             with pool:
-                t_label = bar.start = time.perf_counter()
-                futures = {pool.submit(_run_one, item, deriv, identity["version"], bids): item
-                           for item in todo}
-                for future in as_completed(futures):
-                    try:
-                        records.append(future.result())
-                    except Exception as error:  # the worker process died (e.g. out of memory)
-                        records.append(_crashed(futures[future], deriv, identity["version"], bids, error))
-                    _report_record(records[-1], logger, bar)
-                t_end = time.perf_counter()  # before the pool shuts down
+                try:
+                    t_label = bar.start = time.perf_counter()
+                    futures = {pool.submit(_run_one, item, deriv, identity["version"], bids): item
+                               for item in todo}
+                    for future in as_completed(futures):
+                        try:
+                            records.append(future.result())
+                        except Exception as error:  # the worker process died (e.g. out of memory)
+                            records.append(_crashed(futures[future], deriv, identity["version"], bids, error))
+                        _report_record(records[-1], logger, bar)
+                    t_end = time.perf_counter()  # before the pool shuts down
+                except BaseException:  # Ctrl+C, SIGTERM: take the workers down now, not after their items
+                    _stop_workers(pool)
+                    raise
         summary.seconds_labeling = t_end - t_label
         summary.labeled = sum(r["status"] == "ok" for r in records)
         summary.failed = sum(r["status"] != "ok" for r in records)
@@ -551,6 +637,15 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
     if failed_qc:
         logger(f"QC marked fail ({len(failed_qc)}): {', '.join(failed_qc)}")
     return summary
+
+
+def _stop_workers(pool) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.terminate()
+        except (OSError, AttributeError):
+            pass
 
 
 def _report_record(record, logger, bar):
