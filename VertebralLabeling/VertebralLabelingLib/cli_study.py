@@ -115,7 +115,7 @@ def cmd_study_report(args) -> int:
     from .study import default_derivative, write_table
 
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
-    print(f"table: {write_table(args.bids, deriv, args.contrast, args.qc)}")
+    print(f"table: {write_table(args.bids, deriv, args.contrast, args.qc, log=lambda m: print(m, file=sys.stderr))}")
     print(f"QC page: {write_report(deriv, args.bids, args.contrast, args.qc)}")
     return 0
 
@@ -141,9 +141,15 @@ def cmd_import_corrections(args) -> int:
             item, _ = study_entries(deriv, None, args.contrast)[0]
             bids = item.image.parents[len(item.rel_dir.parts)]
         out = Path(bids) / "derivatives" / "labels"
+    rejected = []
     written = import_corrections(deriv, out, bids=args.bids, contrast=args.contrast,
                                  qc_file=args.qc, accept_pass=args.accept_pass,
-                                 overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+                                 overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+                                 rejected=rejected)
     print(f"{len(written)} label file(s) in {out}; train with: vertebral-labeling train --bids BIDS "
           f"--labels BIDS/derivatives/labels {out} --out MODEL_DIR")
+    if rejected:
+        print(f"error: {len(rejected)} correction(s) rejected (not imported): "
+              f"{', '.join(key for key, _ in rejected)}; see the messages above", file=sys.stderr)
+        return 1
     return 0

@@ -622,7 +622,7 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
         summary.labeled = sum(r["status"] == "ok" for r in records)
         summary.failed = sum(r["status"] != "ok" for r in records)
     summary.seconds_total = time.perf_counter() - t0
-    summary.table = write_table(bids, deriv, contrast, qc_file)
+    summary.table = write_table(bids, deriv, contrast, qc_file, log=logger)
     if report:
         from .qc_report import write_report
 
@@ -676,18 +676,26 @@ class _Log:
 
 
 # -- the study table -------------------------------------------------------------------------
-def corrected_discs(item: Item, deriv):
-    """(label, RAS) of the human-corrected markups of an item, or None."""
-    from .export import read_markups_json
+def corrected_discs(item: Item, deriv, record=None):
+    """(label, RAS) pairs of the human-corrected markups of an item, or None when there is none.
+
+    Validated (markups format and anatomy, see ``markups_check``; inside the image when the
+    record holds its geometry): InputError with the reason when the correction is unusable.
+    """
+    from .markups_check import read_disc_points
 
     path = item.path(deriv, SUFFIX_CORRECTED)
     if not path.exists():
         return None
-    return read_markups_json(path)
+    return read_disc_points(path, (record or {}).get("geometry"))
 
 
-def write_table(bids, deriv, contrast="T2w", qc_file=None) -> Path:
-    """(Re)build ``discs.csv`` from the item records: corrected points win over predictions."""
+def write_table(bids, deriv, contrast="T2w", qc_file=None, log=None) -> Path:
+    """(Re)build ``discs.csv`` from the item records: corrected points win over predictions.
+
+    A correction that fails validation gives one row with status ``correction-rejected`` and
+    the reason (also sent to ``log``); the other images are unaffected.
+    """
     deriv = Path(deriv)
     marks = read_qc_marks(qc_file or default_qc_file(deriv))
     buffer = io.StringIO()
@@ -695,18 +703,25 @@ def write_table(bids, deriv, contrast="T2w", qc_file=None) -> Path:
     writer.writerow(TABLE_COLUMNS)
     for item in find_items(bids, contrast):
         record = read_json(item.path(deriv, SUFFIX_RECORD))
-        if record is None:
+        if not isinstance(record, dict):
             continue
         base = {"subject": item.subject, "session": item.session, "image": record.get("image", ""),
                 "model_version": record.get("model_version", ""), "qc": marks.get(item.key, ""),
                 "status": record.get("status", ""), "error": record.get("error", "")}
-        corrected = corrected_discs(item, deriv)
+        try:
+            corrected = corrected_discs(item, deriv, record)
+        except InputError as error:
+            corrected = None
+            base.update(status="correction-rejected", error=str(error))
+            if log:
+                log(f"{item.key}: correction rejected, {error}")
+            writer.writerow([base[c] if c in base else "" for c in TABLE_COLUMNS])
+            continue
         if corrected is not None:
             value_of = dict(zip(DISC_NAMES, DISC_VALUES))
-            for label, ras, _ in corrected:
-                if label in value_of:
-                    writer.writerow(_row(base, label, value_of[label], ras, "", 0, "", "corrected"))
-        elif record.get("status") == "ok":
+            for label, ras in corrected:
+                writer.writerow(_row(base, label, value_of[label], ras, "", 0, "", "corrected"))
+        elif record.get("status") == "ok" and isinstance(record.get("discs"), list):
             for d in record["discs"]:
                 writer.writerow(_row(base, d["name"], d["value"], d["ras"], f"{d['confidence']:.3f}",
                                      int(d["flagged"]), d["reason"], "model"))
