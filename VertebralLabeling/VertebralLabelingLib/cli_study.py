@@ -48,7 +48,11 @@ def register(sub) -> None:
                        "button then writes OUT/qc/qc.json directly")
     p.add_argument("deriv", help="derivative folder written by batch")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; any other needs --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host (e.g. 0.0.0.0): other machines can then read "
+                   "the page; writes still need the page's session token")
     p.set_defaults(handler=cmd_qc_serve)
 
     p = sub.add_parser("import-corrections", help="turn corrected markups into SCT disc-label "
@@ -123,7 +127,7 @@ def cmd_study_report(args) -> int:
 def cmd_qc_serve(args) -> int:
     from .qc_report import serve
 
-    return serve(args.deriv, args.host, args.port)
+    return serve(args.deriv, args.host, args.port, allow_remote=args.allow_remote)
 
 
 def cmd_import_corrections(args) -> int:
