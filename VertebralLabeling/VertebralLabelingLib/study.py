@@ -305,7 +305,7 @@ def plan(item: Item, deriv, model_version: str, overwrite=False, overwrite_corre
 _WORKER = {}
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Make this worker process end when the batch process that started it ends.
 
     Why: a killed batch (SIGKILL, out-of-memory killer, closed terminal) otherwise leaves its
@@ -315,7 +315,7 @@ def die_with_parent() -> None:
     """
     import threading
 
-    parent = os.getppid()
+    parent = parent or os.getppid()
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -324,7 +324,7 @@ def die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent or parent == 1:
+    if os.getppid() != parent:  # the batch died before this worker got here
         os._exit(1)
 
     def watch():
@@ -373,11 +373,11 @@ def remove_stale_temporaries(deriv, min_age_s: float = 60.0, max_age_s: float = 
     return removed
 
 
-def _init_worker(model, threads):
+def _init_worker(model, threads, parent=None):
     """Worker set-up: limit TensorFlow's threads to its share of the cores, load the model once."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if threads:  # a pool worker (threads=0 is the batch process itself)
-        die_with_parent()
+        die_with_parent(parent)
     if threads:
         import tensorflow as tf
 
@@ -595,7 +595,7 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
             context = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
             try:
                 pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
-                                           initializer=_init_worker, initargs=(model, threads))
+                                           initializer=_init_worker, initargs=(model, threads, os.getpid()))
                 _warm_pool(pool, min(workers, len(todo)))  # start-up + model loading untimed
             except BrokenProcessPool as error:
                 from .errors import ModelError
