@@ -664,3 +664,22 @@ def test_head_turned_beyond_the_search_is_flagged(labeler):
     volume, _ = make_phantom(seed=1)
     result = labeler.label(_turned(volume, 30.0, 0.0)[0])
     assert all(d.flagged for d in result.discs) and any("turned" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("yaw", [15.0, -15.0])
+def test_double_oblique_real_subject_stays_on_the_midline(mri_bids, labeler, yaw):
+    """sub-errsm22 turned 15 degrees about S and 10 about R: the discs stay within 3 mm of the
+    (equally turned) ground truth left-right."""
+    from VertebralLabelingLib.dataset import read_disc_labels
+    from VertebralLabelingLib.volume import load_volume
+
+    subject = "sub-errsm22"
+    volume = load_volume(mri_bids / subject / "anat" / f"{subject}_T2w.nii.gz")
+    truth = read_disc_labels(mri_bids / "derivatives" / "labels" / subject / "anat" /
+                             f"{subject}_T2w_label-discs_dlabel.nii.gz")
+    turned, move = _turned(volume, yaw, 10.0)
+    result = labeler.label(turned)
+    assert abs(abs(result.midline.yaw_deg) - 15.0) <= 2.5
+    for disc in result.discs:
+        if disc.value in truth:
+            assert abs(disc.ras[0] - move(truth[disc.value])[0]) < 3.0, (disc.name, disc.ras)
