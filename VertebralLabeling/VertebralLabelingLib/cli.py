@@ -205,6 +205,13 @@ def main(argv=None) -> int:
     except VertebralLabelingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file system failure no command checked for: one line, not a traceback
+        where = f" {error.filename}" if error.filename else ""
+        print(f"error: cannot read or write{where}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (the input is too large for this machine)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -118,7 +118,10 @@ def cmd_study_report(args) -> int:
     from .qc_report import write_report
     from .study import default_derivative, write_table
 
+    from .study import remove_stale_temporaries
+
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
+    remove_stale_temporaries(deriv)
     print(f"table: {write_table(args.bids, deriv, args.contrast, args.qc, log=lambda m: print(m, file=sys.stderr))}")
     print(f"QC page: {write_report(deriv, args.bids, args.contrast, args.qc)}")
     return 0
