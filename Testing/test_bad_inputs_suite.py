@@ -555,28 +555,43 @@ def _phantom_bids(root: Path, phantom: Path, n: int) -> Path:
     return bids
 
 
-def test_interrupted_item_is_redone_and_stale_temporaries_removed(tmp_path, phantom):
+def test_interrupted_item_is_redone_and_stale_temporaries_removed(tmp_path, phantom, monkeypatch):
+    from VertebralLabelingLib import outputs
     from VertebralLabelingLib.study import SUFFIX_RECORD, run_batch
 
     bids = _phantom_bids(tmp_path, phantom, 1)
     deriv = tmp_path / "deriv"
-    assert run_batch(bids, deriv, log=lambda m: None).labeled == 1
+    renames = []
+    real_replace = os.replace
+
+    def killed_after_first_output(src, dst):
+        if Path(src).name.startswith(".part-"):  # write_all renaming an output into place
+            if renames:
+                raise KeyboardInterrupt  # the run dies between its first output and its record
+            renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", killed_after_first_output)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(bids, deriv, log=lambda m: None)
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
     record_path = deriv / "sub-00" / "anat" / f"sub-00_T2w{SUFFIX_RECORD}"
-    record = json.loads(record_path.read_text())
-    # A kill after the outputs were renamed into place but before the record said "ok".
-    record_path.write_text(json.dumps({k: record[k] for k in ("key", "subject", "session", "image",
-                                                               "model_version")} | {"status": "started"}))
+    assert json.loads(record_path.read_text())["status"] == "started" and len(renames) == 1
     stale = [deriv / "qc" / f".index.html.tmp-{2 ** 22 + 7}",
              deriv / "sub-00" / "anat" / f".part-{2 ** 22 + 7}-sub-00_T2w_qc.png"]
-    for path in stale:
+    for path in stale:  # what a SIGKILL leaves (KeyboardInterrupt cleaned its own up)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
         os.utime(path, (time.time() - 3600, time.time() - 3600))
     summary = run_batch(bids, deriv, log=lambda m: None)
-    assert summary.labeled == 1 and summary.skipped_exists == 0
-    assert json.loads(record_path.read_text())["status"] == "ok"
+    assert summary.labeled == 1 and summary.skipped_exists == 0 and summary.skipped_edited == 0
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok" and len(record["outputs"]) == 3
     assert not any(path.exists() for path in stale)
+    assert not [p for p in deriv.rglob(".*") if p.is_file()]  # no temporaries at all
     rows = (deriv / "discs.csv").read_text().splitlines()
     assert len(rows) == 1 + len(DISC_NAMES)
+    assert run_batch(bids, deriv, log=lambda m: None).skipped_done == 1  # and then it is done
 
 
 def _children(pid: int) -> set:

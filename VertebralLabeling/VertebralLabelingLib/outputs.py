@@ -69,8 +69,11 @@ def _reason(error: BaseException) -> str:
     return text[-1] if text else type(error).__name__
 
 
-def write_all(jobs) -> None:
+def write_all(jobs, before_commit=None) -> None:
     """Write every ``(path, write)`` job, where ``write(tmp_path)`` writes one file, or none.
+
+    ``before_commit([(tmp_path, path), ...])`` runs after every temporary was written and before
+    any rename (the batch records the new files' hashes there, as a journal).
 
     Each job writes a temporary file beside its target; only when all succeeded are they renamed
     into place.  On any failure the temporaries (and folders this call created) are removed and
@@ -94,6 +97,8 @@ def write_all(jobs) -> None:
                 write(tmp)
             except (OSError, RuntimeError, ValueError) as error:
                 raise InputError(f"Cannot write {path}: {_reason(error)}; no output was written.") from error
+        if before_commit is not None:
+            before_commit(list(staged))
         done = []
         for tmp, path in staged:
             existed = path.exists()

@@ -258,11 +258,13 @@ def default_qc_file(deriv) -> Path:
 # -- decisions -------------------------------------------------------------------------------
 def edited_outputs(item: Item, deriv, record) -> list[Path]:
     """Outputs that exist but differ from what the batch wrote (a person changed them)."""
-    written = (record or {}).get("outputs", {})
+    written = (record or {}).get("outputs") or {}
+    pending = (record or {}).get("pending") or {}  # files an interrupted run was renaming in
     edited = []
     for suffix in (SUFFIX_MARKUPS, SUFFIX_DLABEL):
         path = item.path(deriv, suffix)
-        if path.exists() and path.name in written and sha256_file(path) != written[path.name]:
+        if path.exists() and path.name in written and \
+                sha256_file(path) not in (written[path.name], pending.get(path.name)):
             edited.append(path)
     return edited
 
@@ -409,8 +411,17 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
               "image": _rel_image(item, bids), "model_version": model_version,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
     record_path = item.path(deriv, SUFFIX_RECORD)
+    previous = read_json(record_path)
+    # The files of the last good run stay known (a person may still edit them), and the new
+    # files' hashes are added just before they are renamed in (see write_all's before_commit).
+    started = dict(record, status="started",
+                   outputs=(previous.get("outputs") or {}) if isinstance(previous, dict) else {})
+
+    def journal(staged):
+        write_json(record_path, dict(started, pending={path.name: sha256_file(tmp) for tmp, path in staged}))
+
     try:
-        write_json(record_path, dict(record, status="started"))
+        write_json(record_path, started)
         stat = item.image.stat()
         record.update(image_sha256=sha256_file(item.image), image_size=stat.st_size,
                       image_mtime_ns=stat.st_mtime_ns)
@@ -419,7 +430,7 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
         writers = ((SUFFIX_DLABEL, lambda p: export.write_disc_label_nifti(result.discs, volume, p)),
                    (SUFFIX_MARKUPS, lambda p: export.write_markups_json(result.discs, p)),
                    (SUFFIX_QC, lambda p: export.write_qc_png(result, p)))
-        write_all([(item.path(deriv, suffix), write) for suffix, write in writers])
+        write_all([(item.path(deriv, suffix), write) for suffix, write in writers], before_commit=journal)
         outputs = {item.path(deriv, suffix).name: sha256_file(item.path(deriv, suffix))
                    for suffix, _ in writers}
         record.update(status="ok", outputs=outputs, discs=[d.to_dict() for d in result.discs],
