@@ -122,7 +122,8 @@ def cmd_study_report(args) -> int:
 
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
     remove_stale_temporaries(deriv)
-    print(f"table: {write_table(args.bids, deriv, args.contrast, args.qc, log=lambda m: print(m, file=sys.stderr))}")
+    table = write_table(args.bids, deriv, args.contrast, args.qc, log=lambda m: print(m, file=sys.stderr))
+    print(f"table: {table}")
     print(f"QC page: {write_report(deriv, args.bids, args.contrast, args.qc)}")
     return 0
 
