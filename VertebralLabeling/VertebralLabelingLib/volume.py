@@ -238,7 +238,9 @@ def read_image(path: str | os.PathLike, check=None) -> sitk.Image:
 
 
 def check_header_3d(size, spacing, origin, direction) -> None:
-    """The MRI limits (see :func:`check_geometry`); 2D headers pass to the 2D/3D check later."""
+    """The MRI limits (see :func:`check_geometry`); a 2D image is refused here, unread."""
+    if len(size) == 2:
+        raise InputError("The image is 2D; a 3D MRI volume (or a sagittal stack) is needed.")
     if len(size) == 3:
         check_geometry(size, spacing, origin, direction)
     elif len(size) > 3:
