@@ -312,6 +312,10 @@ def test_model_with_wrong_shapes_is_refused(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps({"architecture": "compact"}))
         with pytest.raises(ModelError, match="not a VertebralLabeling disc model"):
             models.load(tmp_path / f"{name}.keras")
+    eight = keras.Model(inputs, keras.layers.Conv2D(8, 1)(inputs))  # 6 discs + any-disc + dens tip
+    eight.save(tmp_path / "eight.keras")
+    (tmp_path / "eight.json").write_text(json.dumps({"architecture": "compact"}))
+    assert models.load(tmp_path / "eight.keras")[0].output_channels == [8]
     (tmp_path / "list.json").write_text("[1, 2]")
     shutil.copy(tmp_path / "out.keras", tmp_path / "list.keras")
     with pytest.raises(ModelError, match="does not describe"):
