@@ -280,3 +280,33 @@ def test_without_onnxruntime_label_says_what_to_install(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert "pip install onnxruntime" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.mrk.json").exists()
+
+
+def _concat_onnx(path, channels_in, channels_out):
+    """A tiny ONNX model (B, H, W, channels_in) -> (B, H, W, channels_out): the input repeated."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    copies = channels_out // channels_in
+    node = helper.make_node("Concat", ["midsagittal"] * copies, ["heatmaps"], axis=3)
+    graph = helper.make_graph(
+        [node], "shapes",
+        [helper.make_tensor_value_info("midsagittal", TensorProto.FLOAT, ["B", "H", "W", channels_in])],
+        [helper.make_tensor_value_info("heatmaps", TensorProto.FLOAT, ["B", "H", "W", channels_out])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"architecture": "compact"}))
+    return path
+
+
+def test_disc_model_shapes_are_checked_for_onnx_too(tmp_path):
+    """The shape check of a disc model reads the .onnx session's shapes: six heatmaps or more
+    (the extra any-disc and dens-tip channels) pass; fewer channels, or a 3-channel input, not."""
+    require_module("onnx")
+    network, _ = model_lib.load(_concat_onnx(tmp_path / "eight.onnx", 1, 8))
+    assert network.output_channels == [8] and network.input_shapes == [(None, None, None, 1)]
+    model_lib.load(_concat_onnx(tmp_path / "six.onnx", 1, 6))
+    for name, c_in, c_out in (("three-out", 1, 3), ("three-in", 3, 6)):
+        with pytest.raises(ModelError, match="not a VertebralLabeling disc model"):
+            model_lib.load(_concat_onnx(tmp_path / f"{name}.onnx", c_in, c_out))

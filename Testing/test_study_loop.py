@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from study_common import SUBJECTS, batch, run_cli
+from study_common import SUBJECTS, batch, person_correction, run_cli
 from VertebralLabelingLib import DISC_NAME_BY_VALUE
 from VertebralLabelingLib.corrections import (corrected_path, discs_from_markups, is_human_corrected,
                                               label_is_human, save_corrected)
@@ -113,7 +113,7 @@ def test_import_refuses_to_replace_labels_it_did_not_write(tmp_path, mri_bids):
 
         import_corrections(deriv, tmp_path / "labels")
     markups = deriv / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_discs.mrk.json"
-    save_corrected(discs_from_markups(markups), corrected_path(markups))
+    save_corrected(person_correction(markups), corrected_path(markups))
     manual = tmp_path / "labels" / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_label-discs_dlabel.nii.gz"
     manual.parent.mkdir(parents=True)
     manual.write_bytes(b"a manual label")
@@ -166,7 +166,8 @@ def test_default_places_need_no_paths(tmp_path, mri_bids):
     assert run_cli("batch", "--bids", bids, "--model", "compact") == 0
     deriv = bids / "derivatives" / "vertebral-labeling"
     markups = deriv / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_discs.mrk.json"
-    save_corrected(discs_from_markups(markups), corrected_path(markups))
+    save_corrected(person_correction(markups, mri_bids / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w.nii.gz"),
+                   corrected_path(markups))
     assert run_cli("import-corrections", "--deriv", deriv) == 0
     label = bids / "derivatives" / "labels" / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_label-discs_dlabel.nii.gz"
     assert label_is_human(label)

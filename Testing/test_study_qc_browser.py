@@ -204,7 +204,8 @@ def test_server_writes_only_valid_qc_json(study):
     try:
         for path, body, code in (("/qc.json", b"not json", 400), ("/qc.json", b'{"no": "marks"}', 400),
                                  ("/other.json", b'{"marks": {}}', 404)):
-            request = urllib.request.Request(base + path, data=body, method="POST")
+            request = urllib.request.Request(base + path, data=body, method="POST", headers={
+                "X-QC-Token": server.token, "Content-Type": "application/json"})
             with pytest.raises(urllib.error.HTTPError) as error:
                 urllib.request.urlopen(request, timeout=10)
             assert error.value.code == code

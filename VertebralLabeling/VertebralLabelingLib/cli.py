@@ -21,12 +21,25 @@ def _add_label(sub):
     p.add_argument("--csv", help="also write a CSV table")
     p.add_argument("--dlabel", help="also write an SCT disc-label NIfTI in the input's grid")
     p.add_argument("--qc", help="also write a QC picture (PNG)")
-    p.add_argument("--slice", type=float, dest="slice_r", metavar="R_MM",
+    p.add_argument("--slice", type=finite_float, dest="slice_r", metavar="R_MM",
                    help="use the sagittal plane at this R coordinate (mm) instead of the automatic one")
     p.add_argument("--model", default="compact",
                    help="bundled model name (runs its .onnx), or a .onnx or .keras path")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (they may hold corrections)")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``float`` alone takes 'nan' and 'inf')."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _add_evaluate(sub):
@@ -118,31 +131,27 @@ def _extension_registrars():
     return registrars
 
 
-def _refuse_existing(paths, overwrite):
-    existing = [str(p) for p in paths if p and Path(p).exists()]
-    if existing and not overwrite:
-        raise InputError(f"Output exists: {', '.join(existing)}. It may hold corrections; "
-                         "pass --overwrite to replace it.")
-
-
 def cmd_label(args):
     from . import export
     from .labeling import DiscLabeler
+    from .outputs import check_outputs, write_all
     from .volume import load_volume
 
     if not args.output.endswith(".mrk.json"):
         raise InputError("The output file name must end with .mrk.json")
-    _refuse_existing([args.output, args.csv, args.dlabel, args.qc], args.overwrite)
+    check_outputs([("-o", args.output), ("--csv", args.csv), ("--dlabel", args.dlabel),
+                   ("--qc", args.qc)], inputs=[args.input], overwrite=args.overwrite)
     volume = load_volume(args.input)
     labeler = DiscLabeler.load(args.model)
     result = labeler.label(volume, slice_r_mm=args.slice_r)
-    export.write_markups_json(result.discs, args.output)
+    jobs = [(args.output, lambda p: export.write_markups_json(result.discs, p))]
     if args.csv:
-        export.write_csv(result.discs, args.csv)
+        jobs.append((args.csv, lambda p: export.write_csv(result.discs, p)))
     if args.dlabel:
-        export.write_disc_label_nifti(result.discs, volume, args.dlabel)
+        jobs.append((args.dlabel, lambda p: export.write_disc_label_nifti(result.discs, volume, p)))
     if args.qc:
-        export.write_qc_png(result, args.qc)
+        jobs.append((args.qc, lambda p: export.write_qc_png(result, p)))
+    write_all(jobs)  # all or nothing
     for disc in result.discs:
         flag = f"  REVIEW: {disc.reason}" if disc.flagged else ""
         r, a, s = disc.ras
@@ -242,6 +251,13 @@ def main(argv=None) -> int:
         return args.handler(args)
     except VertebralLabelingError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file system failure no command checked for: one line, not a traceback
+        where = f" {error.filename}" if error.filename else ""
+        print(f"error: cannot read or write{where}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (the input is too large for this machine)", file=sys.stderr)
         return 2
 
 

@@ -52,7 +52,11 @@ def register(sub) -> None:
                        "button then writes OUT/qc/qc.json directly")
     p.add_argument("deriv", help="derivative folder written by batch")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; any other needs --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host (e.g. 0.0.0.0): other machines can then read "
+                   "the page; writes still need the page's session token")
     p.set_defaults(handler=cmd_qc_serve)
 
     p = sub.add_parser("import-corrections", help="turn corrected markups into SCT disc-label "
@@ -81,11 +85,26 @@ def _shard(text):
     return parse_shard(text)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (kill, SLURM time limit) ends the batch like Ctrl+C: temporaries are removed and
+    the workers are stopped on the way out, instead of the process vanishing mid-write."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (embedded use)
+        pass
+
+
 def cmd_batch(args) -> int:
     from .study import run_batch
     from .volume import write_atomic_bytes
 
     shard = _shard(args.shard)
+    _exit_on_sigterm()
     summary = run_batch(args.bids, args.out, model=args.model, workers=args.workers, threads=args.threads,
                         contrast=args.contrast, overwrite=args.overwrite,
                         overwrite_corrected=args.overwrite_corrected, subjects=args.subjects,
@@ -103,8 +122,12 @@ def cmd_study_report(args) -> int:
     from .qc_report import write_report
     from .study import default_derivative, write_table
 
+    from .study import remove_stale_temporaries
+
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
-    print(f"table: {write_table(args.bids, deriv, args.contrast, args.qc)}")
+    remove_stale_temporaries(deriv)
+    table = write_table(args.bids, deriv, args.contrast, args.qc, log=lambda m: print(m, file=sys.stderr))
+    print(f"table: {table}")
     print(f"QC page: {write_report(deriv, args.bids, args.contrast, args.qc)}")
     return 0
 
@@ -112,7 +135,7 @@ def cmd_study_report(args) -> int:
 def cmd_qc_serve(args) -> int:
     from .qc_report import serve
 
-    return serve(args.deriv, args.host, args.port)
+    return serve(args.deriv, args.host, args.port, allow_remote=args.allow_remote)
 
 
 def cmd_import_corrections(args) -> int:
@@ -130,9 +153,15 @@ def cmd_import_corrections(args) -> int:
             item, _ = study_entries(deriv, None, args.contrast)[0]
             bids = item.image.parents[len(item.rel_dir.parts)]
         out = Path(bids) / "derivatives" / "labels"
+    rejected = []
     written = import_corrections(deriv, out, bids=args.bids, contrast=args.contrast,
                                  qc_file=args.qc, accept_pass=args.accept_pass,
-                                 overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+                                 overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+                                 rejected=rejected)
     print(f"{len(written)} label file(s) in {out}; train with: vertebral-labeling train --bids BIDS "
           f"--labels BIDS/derivatives/labels {out} --out MODEL_DIR")
+    if rejected:
+        print(f"error: {len(rejected)} correction(s) rejected (not imported): "
+              f"{', '.join(key for key, _ in rejected)}; see the messages above", file=sys.stderr)
+        return 1
     return 0

@@ -92,7 +92,10 @@ def cmd_label(args) -> int:
         raise InputError("The output file name must end with .mrk.json")
     if not any((args.output, args.json, args.csv, args.qc)):
         raise InputError("Nothing to write: give -o OUT.mrk.json and/or --json, --csv, --qc.")
-    _refuse_existing([args.output, args.json, args.csv, args.qc], args.overwrite)
+    from .outputs import check_outputs, write_all
+
+    check_outputs([("-o", args.output), ("--json", args.json), ("--csv", args.csv), ("--qc", args.qc)],
+                  inputs=[args.input, args.markups], overwrite=args.overwrite)
     radiograph = read_radiograph(args.input)
     if args.markups:
         import numpy as np
@@ -105,16 +108,21 @@ def cmd_label(args) -> int:
         labeler = XrayLabeler.load(args.model)
         result = labeler.label(radiograph)
         confidence = result.confidence
+    jobs = []
     if args.output:
-        xray_export.write_markups_json(result.points, args.output, confidence, radiograph.slice_z)
+        jobs.append((args.output, lambda p: xray_export.write_markups_json(
+            result.points, p, confidence, radiograph.slice_z)))
     if args.csv:
-        xray_export.write_csv(result.points, args.csv, result.points_px, confidence, radiograph.slice_z)
+        jobs.append((args.csv, lambda p: xray_export.write_csv(
+            result.points, p, result.points_px, confidence, radiograph.slice_z)))
     if args.json:
-        xray_export.write_angles_json(result.cobb, args.json, {
+        jobs.append((args.json, lambda p: xray_export.write_angles_json(result.cobb, p, {
             "image": str(args.input), "pixel_spacing": list(radiograph.spacing),
-            "source": "markups" if args.markups else str(args.model)})
+            "source": "markups" if args.markups else str(args.model)})))
     if args.qc:
-        xray_export.write_qc_png(radiograph.array, result.points_px, result.cobb, args.qc, confidence)
+        jobs.append((args.qc, lambda p: xray_export.write_qc_png(
+            radiograph.array, result.points_px, result.cobb, p, confidence)))
+    write_all(jobs)  # all or nothing
     for column, angle, (upper, lower) in zip(xray_export.ANGLE_COLUMNS, result.cobb.angles_deg,
                                              result.cobb.end_vertebrae):
         print(f"{column:5s} {angle:6.1f} deg  {upper}-{lower}  ({xray_export.curve_region(upper, lower)})")

@@ -65,15 +65,18 @@ def is_human_corrected(path) -> bool:
     return bool(isinstance(data, dict) and (data.get(CORRECTED_KEY) or {}).get("humanCorrected"))
 
 
-def discs_from_markups(path) -> list:
-    """DiscPoints (confidence 1, not flagged) from a markups file; unknown labels dropped."""
-    from .labeling import DiscPoint
+def discs_from_markups(path, geometry=None) -> list:
+    """DiscPoints (confidence 1, not flagged) from a corrected markups file, validated.
 
-    discs = [DiscPoint(_VALUE_BY_NAME[label], label, np.asarray(ras, float), 1.0)
-             for label, ras, _ in read_markups_json(path) if label in _VALUE_BY_NAME]
-    if not discs:
-        raise InputError(f"{path} has no disc points (labels {', '.join(DISC_NAMES)}).")
-    return sorted(discs, key=lambda d: d.value)
+    The file must pass :func:`markups_check.read_disc_points` (markups format, six distinct
+    disc labels at most, finite, in cranio-caudal order, inside the image when ``geometry`` is
+    given); otherwise InputError says why, and the caller rejects that one image.
+    """
+    from .labeling import DiscPoint
+    from .markups_check import read_disc_points
+
+    return [DiscPoint(_VALUE_BY_NAME[label], label, np.asarray(ras, float), 1.0)
+            for label, ras in read_disc_points(path, geometry)]
 
 
 def _label_source(item, record, deriv, marks, accept_pass):
@@ -92,14 +95,19 @@ def _label_source(item, record, deriv, marks, accept_pass):
 
 
 def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, accept_pass=False,
-                       overwrite=False, log=print) -> list[Path]:
+                       overwrite=False, log=print, rejected=None) -> list[Path]:
     """Write SCT disc-label NIfTI files (``derivatives/labels`` layout) from the corrections.
 
     ``accept_pass`` also imports the predictions of images marked *pass* in qc.json (a person
     looked at them and found them right).  Images marked *fail* without a correction are never
     imported.  An existing label file not written by this command is only replaced with
     ``overwrite`` (it may be a manual label).  Returns the written label paths.
+
+    A correction that fails validation (see ``discs_from_markups``) or whose image cannot be
+    read is rejected for that image only: logged with the reason, appended to ``rejected`` as
+    ``(key, reason)``, and the other images are still imported.
     """
+    from .markups_check import geometry_of
     from .export import write_disc_label_nifti
     from .volume import load_volume
 
@@ -123,8 +131,15 @@ def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, acce
                              "a manual label); pass --overwrite to replace it.")
         if not item.image.exists():
             raise InputError(f"Source image of {item.key} not found: {item.image} (pass --bids).")
-        discs = discs_from_markups(source)
-        write_disc_label_nifti(discs, load_volume(item.image), target)
+        try:
+            volume = load_volume(item.image)
+            discs = discs_from_markups(source, geometry_of(volume))
+        except InputError as error:
+            log(f"{item.key}: rejected, {error}")
+            if rejected is not None:
+                rejected.append((item.key, str(error)))
+            continue
+        write_disc_label_nifti(discs, volume, target)
         write_json(sidecar, {"GeneratedBy": "vertebral-labeling import-corrections",
                              "Source": kind, "Markups": str(source.resolve()),
                              "MarkupsSHA256": sha256_file(source), "Discs": [d.name for d in discs]})

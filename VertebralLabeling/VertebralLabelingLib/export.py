@@ -69,8 +69,11 @@ def write_markups_json(discs, path, locked: bool = False) -> None:
 def read_control_points(path) -> list:
     """Control points of a .mrk.json as dicts with ``label``, ``lps`` (3,), ``description`` and
     ``status`` (Slicer's positionStatus); a file in RAS is converted.  InputError if unreadable."""
+    from .markups_check import check_markups_format, load_markups_document
+
     try:
-        data = json.loads(Path(path).read_text())
+        data = load_markups_document(path)  # size-bounded, no NaN/Infinity tokens
+        check_markups_format(data)  # a controlPoints object or a list label: InputError, not a crash
         markup = data["markups"][0]
         flip = np.array([1.0, 1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "LPS" \
             else np.array([-1.0, -1.0, 1.0])
@@ -83,7 +86,7 @@ def read_control_points(path) -> list:
             points.append({"label": point.get("label", ""), "lps": lps,
                            "description": point.get("description", ""), "status": status})
         return points
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, InputError) as error:
         raise InputError(f"Cannot read markups file {path}: {error}") from error
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from . import DISC_NAMES, DISC_VALUES
 from . import models as model_lib
 from .errors import InputError
-from .midsagittal import Midline, SagittalSlice, estimate_midline, extract_midsagittal, normalize_intensity
+from .midsagittal import (YAW_SEARCH_DEG, Midline, SagittalSlice, estimate_midline, extract_midsagittal,
+                          normalize_intensity)
 from .volume import Volume
 
 REVIEW_BELOW = 0.35
@@ -152,6 +153,11 @@ class DiscLabeler:
                                 level_check=count)
         if not result.spine_found:
             result.warnings.append("No spine found with confidence: every disc is flagged for review.")
+        if abs(midline.yaw_deg) >= max(YAW_SEARCH_DEG):
+            result.warnings.append(f"The head is turned {midline.yaw_deg:+.1f} degrees or more about S "
+                                   "(the search limit): check the discs left-right.")
+            for disc in discs:
+                _flag(disc, "head turned beyond the midsagittal search range")
         report(1.0, "Done")
         return result
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .volume import Volume
+from .volume import Volume, trilinear
 
 #: Mirror centres are only searched where at least this much image lies on each side (mm).
 MIN_HALF_WIDTH_MM = 8.0
@@ -26,17 +26,46 @@ MIN_HALF_WIDTH_MM = 8.0
 MAX_SEARCH_POINTS = 250_000
 #: A lateral tilt steeper than this (mm of R per mm of S) is not a spine: clamp it.
 MAX_TILT = 0.35
+#: Rotations about S (degrees) the symmetry search tries: a head turned in the scanner, or a
+#: double-oblique image, puts the midsagittal plane at an angle to the R axis, and a plane
+#: searched only along R then cuts the spine obliquely (millimetres off left-right).
+YAW_SEARCH_DEG = (-20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
+#: A turned plane is taken only when its symmetry beats the unturned one by this factor, so
+#: straight images keep exactly the unturned search.
+YAW_GAIN = 1.05
+#: Smaller turns are not taken: real necks are not perfectly symmetric, and on the real
+#: subjects a turn of 2.5-5 degrees "found" that way moved the discs away from the annotated
+#: ones; below 10 degrees the plane is at most about 2 mm off at the posterior disc tips.
+MIN_YAW_DEG = 10.0
+
+
+def _rotation_s(yaw_deg: float) -> np.ndarray:
+    a = np.radians(yaw_deg)
+    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
 
 
 @dataclass
 class Midline:
-    """The midsagittal plane R = offset + tilt * S (RAS mm)."""
+    """The midsagittal plane R = offset + tilt * S (RAS mm), turned by ``yaw_deg`` about the S
+    axis through ``pivot`` (RAS): offset and tilt are measured in that turned frame."""
 
     offset: float
     tilt: float = 0.0
+    yaw_deg: float = 0.0
+    pivot: tuple = (0.0, 0.0, 0.0)
 
     def r_at(self, s: np.ndarray | float) -> np.ndarray | float:
         return self.offset + self.tilt * np.asarray(s)
+
+    def to_world(self, points: np.ndarray) -> np.ndarray:
+        """Points (..., 3) of the turned frame in RAS."""
+        if not self.yaw_deg:
+            return points
+        pivot = np.asarray(self.pivot, float)
+        return pivot + (np.asarray(points, float) - pivot) @ _rotation_s(self.yaw_deg).T
+
+    def direction_to_world(self, vector: np.ndarray) -> np.ndarray:
+        return vector if not self.yaw_deg else _rotation_s(self.yaw_deg) @ np.asarray(vector, float)
 
 
 @dataclass
@@ -104,21 +133,94 @@ def sample_plane(
 
 
 def estimate_midline(volume: Volume) -> Midline:
-    """Estimate the midsagittal plane from left-right mirror symmetry of axial levels."""
+    """Estimate the midsagittal plane from left-right mirror symmetry of axial levels.
+
+    The mirror search runs in frames turned about S (``YAW_SEARCH_DEG``, coarse first); the
+    most symmetric turn wins when it clearly beats the unturned frame (``YAW_GAIN``) and is
+    refined to 2.5 degrees, so a rotated head or double-oblique image is followed instead of
+    cut obliquely (turns under ``MIN_YAW_DEG`` are not taken).
+    """
     lo, hi = volume.corners_ras().min(axis=0), volume.corners_ras().max(axis=0)
     extent = hi - lo
     if extent[0] < 2 * MIN_HALF_WIDTH_MM:
         return Midline(offset=float((lo[0] + hi[0]) / 2))
+    centre = (lo + hi) / 2
+    searches = {}
+
+    def search(angle):  # each turn is searched once (the unturned one is also the answer, mostly)
+        if angle not in searches:
+            searches[angle] = _symmetry_search(volume, lo, hi, angle, centre, MAX_SEARCH_POINTS)
+        return searches[angle]
+
+    yaw = _best_yaw(lambda angle: search(angle)[3])
+    s_axis, centres, weights, _ = search(yaw)
+    midline = _fit_midline(s_axis, centres, weights, default=float((lo[0] + hi[0]) / 2))
+    if yaw:
+        midline.yaw_deg, midline.pivot = float(yaw), tuple(float(v) for v in centre)
+    return midline
+
+
+def _best_yaw(score) -> float:
+    """The turn about S (degrees) of the most symmetric frame, or 0.
+
+    ``score(angle)`` is the symmetry of the frame turned by ``angle``.  0 and +-MIN_YAW_DEG are
+    tried first; only when a turn beats 0 by ``YAW_GAIN`` does the search go on in that
+    direction (``YAW_SEARCH_DEG``) and refine the best by 2.5 degrees; a best turn under
+    ``MIN_YAW_DEG`` is not taken.  Straight images thus cost two extra searches and keep the
+    unturned plane exactly.
+    """
+    scores = {0.0: score(0.0)}
+    for angle in (-MIN_YAW_DEG, MIN_YAW_DEG):
+        scores[angle] = score(angle)
+    side = max((-MIN_YAW_DEG, MIN_YAW_DEG), key=scores.get)
+    if not scores[side] > YAW_GAIN * scores[0.0]:
+        return 0.0
+    for angle in YAW_SEARCH_DEG:
+        if angle * side > 0 and abs(angle) > MIN_YAW_DEG:
+            scores[angle] = score(angle)
+    best = max(scores, key=scores.get)
+    for angle in (best - 2.5, best + 2.5):
+        if angle not in scores and abs(angle) <= max(YAW_SEARCH_DEG):
+            scores[angle] = score(angle)
+    best = float(max(scores, key=scores.get))
+    return best if abs(best) >= MIN_YAW_DEG else 0.0
+
+
+def _symmetry_search(volume: Volume, lo, hi, yaw_deg: float, centre, max_points: int,
+                     disc: bool = False):
+    """Mirror centres of the axial levels in the frame turned ``yaw_deg`` about S through
+    ``centre``: (S levels, centres, weights, total symmetry score).
+
+    ``disc``: only points within the largest axial circle about ``centre`` that fits in the
+    box count, so every turn sees the same tissue and the scores of different turns compare
+    fairly (the box corners would otherwise bring tissue in or out with the turn).
+    """
+    extent = hi - lo
     step_r = 1.0
     n_r = int(extent[0] / step_r) + 1
-    step_as = max(3.0, float(np.sqrt(extent[1] * extent[2] * n_r / MAX_SEARCH_POINTS)))
+    step_as = max(3.0, float(np.sqrt(extent[1] * extent[2] * n_r / max_points)))
     r_axis = lo[0] + np.arange(n_r) * step_r
     a_axis = np.arange(lo[1], hi[1] + 1e-6, step_as)
     s_axis = np.arange(lo[2], hi[2] + 1e-6, 2 * step_as)
-    grid = np.stack(np.meshgrid(r_axis, a_axis, s_axis, indexing="ij"), axis=-1)
-    values, inside = volume.sample(grid)
+    # Voxel indices of the grid written out per axis (the grid is separable in R, A, S, also
+    # when turned): no (N, 3) @ (3, 3) products on the ~250 k points, which are slow on busy cores.
+    turn = _rotation_s(yaw_deg) if yaw_deg else np.eye(3)
+    to_ijk = volume.ras_to_ijk
+    matrix = to_ijk[:3, :3] @ turn
+    shift = to_ijk[:3, :3] @ (centre - turn @ centre) + to_ijk[:3, 3]
+    ijk = (shift + r_axis[:, None, None, None] * matrix[:, 0] + a_axis[None, :, None, None] * matrix[:, 1]
+           + s_axis[None, None, :, None] * matrix[:, 2])
+    shape = np.array(volume.array.shape)
+    inside = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=-1)
+    values = np.where(inside, trilinear(volume.array, ijk.reshape(-1, 3)).reshape(inside.shape),
+                      volume.background)
+    if disc:
+        world = (r_axis[:, None, None, None] * turn[:2, 0] + a_axis[None, :, None, None] * turn[:2, 1]
+                 + (centre - turn @ centre)[:2])
+        radius = 0.5 * min(extent[0], extent[1])
+        inside = inside & (((world - centre[:2]) ** 2).sum(axis=-1) <= radius ** 2)
     centres, weights = _mirror_centres(values, inside, r_axis)
-    return _fit_midline(s_axis, centres, weights, default=float((lo[0] + hi[0]) / 2))
+    return s_axis, centres, weights, float(weights.sum())
 
 
 def _mirror_centres(values: np.ndarray, inside: np.ndarray, r_axis: np.ndarray):
@@ -131,27 +233,25 @@ def _mirror_centres(values: np.ndarray, inside: np.ndarray, r_axis: np.ndarray):
     count = tissue.sum(axis=(0, 1), keepdims=True)
     v = v - np.nansum(v, axis=(0, 1), keepdims=True) / np.maximum(count, 1)
     v = np.nan_to_num(v)
-    valid = tissue.astype(float)
     energy = (v * v).sum(axis=(0, 1)) + 1e-9
     min_half = int(MIN_HALF_WIDTH_MM / (r_axis[1] - r_axis[0]))
-    best_score = np.full(values.shape[2], -np.inf)
-    best_m = np.zeros(values.shape[2])
-    scores = []
     ms = np.arange(2 * min_half, 2 * (n_r - 1 - min_half) + 1)
-    for m in ms:  # mirror about index m / 2
-        lo_i = max(0, m - (n_r - 1))
-        hi_i = min(n_r - 1, m)
-        i = np.arange(lo_i, hi_i + 1)
-        x, y = v[i], v[m - i]
-        w = valid[i] * valid[m - i]
+    # Mirror about index m / 2: score(m) = sum_i sum_a v[i] v[m - i] (v is 0 outside tissue, so
+    # no extra mask is needed): per level, the self-convolution of v along R summed over A, done
+    # with one FFT instead of a loop of full-array products (several times faster: the search
+    # runs once per turn about S).  Not a BLAS product: multi-threaded BLAS crawls on busy cores.
+    if len(ms):
+        spectrum = np.fft.rfft(v.astype(np.float64), n=2 * n_r, axis=0)
+        conv = np.fft.irfft((spectrum * spectrum).sum(axis=1), n=2 * n_r, axis=0)  # (2 n_r, S)
         # Normalised by the level's whole energy, not the overlap's: a mirror axis must explain
         # most of the tissue, so a sliver at the edge of the field of view cannot win.
-        score = (x * y * w).sum(axis=(0, 1)) / energy
-        scores.append(score)
-        better = score > best_score
-        best_score = np.where(better, score, best_score)
-        best_m = np.where(better, m, best_m)
-    scores = np.array(scores)
+        scores = conv[ms] / energy
+        best = np.argmax(scores, axis=0)
+        best_score = scores[best, np.arange(scores.shape[1])]
+        best_m = ms[best]
+    else:
+        best_score = np.full(values.shape[2], -np.inf)
+        best_m = np.zeros(values.shape[2])
     # Parabolic refinement around the best mirror index, per level.
     idx = np.clip(np.searchsorted(ms, best_m), 1, len(ms) - 2) if len(ms) >= 3 else None
     refined = best_m.astype(float)
@@ -206,6 +306,9 @@ def extract_midsagittal(volume: Volume, midline: Midline | None = None,
     top_s = hi[2]
     origin = np.array([midline.r_at(top_s), hi[1], top_s])
     shape = (int(np.floor((hi[2] - lo[2]) / abs(row_axis[2]))) + 1, int(np.floor(hi[1] - lo[1])) + 1)
+    if midline.yaw_deg:  # the plane was found in a frame turned about S: turn it back
+        origin = midline.to_world(origin)
+        row_axis, col_axis = midline.direction_to_world(row_axis), midline.direction_to_world(col_axis)
     return sample_plane(volume, origin, row_axis, col_axis, shape,
                         normal_offsets=(normal_offset,))
 

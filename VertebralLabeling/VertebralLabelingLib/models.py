@@ -162,11 +162,50 @@ def load(name_or_path: str | os.PathLike = "compact", threads: int = 0):
     runs several items at once).
     """
     def is_disc_model(meta, meta_path):
-        if meta.get("architecture") not in ARCHITECTURES:
+        if not isinstance(meta, dict) or meta.get("architecture") not in ARCHITECTURES:
             return f"{meta_path} does not describe a VertebralLabeling model."
         return None
 
-    return load_with_metadata(resolve_model_path(name_or_path), is_disc_model, threads)
+    path = resolve_model_path(name_or_path)
+    network, meta = load_with_metadata(path, is_disc_model, threads)
+    check_disc_shapes(network, meta, path)
+    return network, meta
+
+
+def _dims(shape) -> tuple:
+    """A shape as a tuple of ints, None for a dimension the model leaves open."""
+    return tuple(d if isinstance(d, int) and not isinstance(d, bool) else None for d in shape)
+
+
+def check_disc_shapes(network, meta: dict, path) -> None:
+    """Refuse a model whose input or output shape is not what its architecture needs.
+
+    Why: the metadata names the architecture, but the .keras / .onnx file may hold anything; a
+    wrong shape would otherwise fail deep inside the runtime with a traceback (or, worse, decode
+    a heatmap of the wrong number of discs).  ``network``: a :class:`Network` or a bare Keras
+    model.  A compact model has at least one heatmap per disc; channels after those are
+    EXTRA_OUTPUTS (older models have none, current ones have both).
+    """
+    network = as_network(network)
+    shapes_in, shapes_out = network.input_shapes, network.output_shapes
+    n = len(DISC_NAMES)
+    name = Path(path).name
+    if len(shapes_in) != 1 or len(shapes_out) != 1:
+        raise ModelError(f"{name} has {len(shapes_in)} inputs and {len(shapes_out)} outputs; a disc "
+                         "model has one of each.")
+    shape_in, shape_out = shapes_in[0], shapes_out[0]
+    if meta["architecture"] == "compact":
+        channels = shape_out[-1] if shape_out else None
+        ok = (len(shape_in) == 4 and shape_in[-1] == 1 and len(shape_out) == 4
+              and channels is not None and channels >= n)
+        want = f"(batch, H, W, 1) -> (batch, H/2, W/2, {n} or more)"
+    else:
+        size = int(meta.get("romero_input", ROMERO_INPUT))
+        ok = shape_in[1:] == (size, size, 1) and shape_out[1:] == (n, 2)
+        want = f"(batch, {size}, {size}, 1) -> (batch, {n}, 2)"
+    if not ok:
+        raise ModelError(f"{name} maps {shape_in} -> {shape_out}, but a {meta['architecture']} disc "
+                         f"model maps {want}; it is not a VertebralLabeling disc model.")
 
 
 def read_metadata(path: Path, check_meta) -> dict:
@@ -241,6 +280,16 @@ class Network:
     @property
     def output_channels(self) -> list:
         """Last dimension of each output (None where the model does not say)."""
+        return [shape[-1] if shape else None for shape in self.output_shapes]
+
+    @property
+    def input_shapes(self) -> list:
+        """Shape of each input, a tuple with None for open dimensions (batch, H, W)."""
+        raise NotImplementedError
+
+    @property
+    def output_shapes(self) -> list:
+        """Shape of each output, as :attr:`input_shapes`."""
         raise NotImplementedError
 
 
@@ -265,9 +314,14 @@ class KerasNetwork(Network):
         return int(self.model.count_params())
 
     @property
-    def output_channels(self):
+    def input_shapes(self):
+        inputs = self.model.inputs if isinstance(self.model.inputs, (list, tuple)) else [self.model.inputs]
+        return [_dims(i.shape) for i in inputs]
+
+    @property
+    def output_shapes(self):
         outputs = self.model.outputs if isinstance(self.model.outputs, (list, tuple)) else [self.model.outputs]
-        return [o.shape[-1] for o in outputs]
+        return [_dims(o.shape) for o in outputs]
 
 
 class OnnxNetwork(Network):
@@ -282,9 +336,9 @@ class OnnxNetwork(Network):
         wanted = (meta.get("onnx") or {}).get("outputs") or []
         wanted = [o["name"] for o in wanted if isinstance(o, dict) and o.get("name") in names]
         self.output_names = wanted if len(wanted) == len(names) else names
-        shapes = {o.name: o.shape for o in session.get_outputs()}
-        self._channels = [shapes[n][-1] if isinstance(shapes[n][-1], int) else None
-                          for n in self.output_names]
+        shapes = {o.name: _dims(o.shape) for o in session.get_outputs()}
+        self._output_shapes = [shapes[n] for n in self.output_names]
+        self._input_shapes = [_dims(i.shape) for i in session.get_inputs()]
 
     @classmethod
     def load(cls, path: Path, meta: dict, threads: int = 0) -> "OnnxNetwork":
@@ -313,8 +367,12 @@ class OnnxNetwork(Network):
         return int(self.meta.get("parameters", 0))
 
     @property
-    def output_channels(self):
-        return list(self._channels)
+    def input_shapes(self):
+        return list(self._input_shapes)
+
+    @property
+    def output_shapes(self):
+        return list(self._output_shapes)
 
 
 def as_network(model) -> Network:

@@ -85,45 +85,124 @@ def write_report(deriv, bids=None, contrast="T2w", qc_file=None) -> Path:
     return path
 
 
-def make_server(deriv, host="127.0.0.1", port=8765):
+#: Largest qc.json the server accepts (bytes); marks for 10,000 images take about 1 MB.
+MAX_POST_BYTES = 8_000_000
+#: Seconds a connection may stay idle before the server drops it (a stalled client holds a thread).
+REQUEST_TIMEOUT_S = 30
+#: Header carrying the per-session token the served page holds.
+TOKEN_HEADER = "X-QC-Token"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def make_server(deriv, host="127.0.0.1", port=8765, allow_remote=False, token=None):
     """An HTTP server for ``deriv/qc``: GET serves the page, POST /qc.json saves the marks.
 
-    Only the QC folder is served, only ``qc.json`` can be written (validated, atomically), and
-    it binds to localhost by default.
+    Why each check (qc.json's pass marks feed ``import-corrections --accept-pass``, so training):
+
+    * ``Host`` must name this server (127.0.0.1, localhost, [::1] or the bound host, with the
+      port): a foreign Host is DNS rebinding, a web page reading or writing through a name it
+      controls;
+    * a write needs the per-session ``token`` (random, printed nowhere but in the served page,
+      sent back in the ``X-QC-Token`` header, as Jupyter does), ``Content-Type:
+      application/json`` and, when the browser sends ``Origin``, this server's own origin: a
+      cross-site page can neither read the token nor send that header without a CORS preflight,
+      which this server never grants;
+    * ``Content-Length`` must be a non-negative integer up to ``MAX_POST_BYTES`` and exactly
+      that many bytes are read; every refusal is a 4xx answer, never a traceback.
+
+    Only the QC folder is served, only ``qc.json`` can be written (validated, atomically).  It
+    binds to loopback; another ``host`` needs ``allow_remote`` (then Host is not checked, the
+    token still is).  A busy port is an InputError.
     """
+    import secrets
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from .errors import InputError
 
     qc_dir = Path(deriv) / "qc"
     if not (qc_dir / "index.html").exists():
-        from .errors import InputError
-
         raise InputError(f"No QC page in {qc_dir}; run the batch (or study-report) first.")
+    if host not in LOOPBACK_HOSTS and not allow_remote:
+        raise InputError(f"--host {host} would let other machines reach the QC page (and write "
+                         "qc.json, which feeds training); pass --allow-remote if you mean it.")
+    token = token or secrets.token_urlsafe(24)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S
+
+        def _allowed_hosts(self):
+            bound = self.server.server_address[1]
+            names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+            return {f"{name}:{bound}" for name in names} | ({name for name in names} if bound == 80 else set())
+
+        def _host_ok(self) -> bool:
+            if allow_remote and host not in LOOPBACK_HOSTS:
+                return True
+            return (self.headers.get("Host") or "").strip().lower() in self._allowed_hosts()
+
+        def _refuse(self, code, message):
+            self.send_error(code, message)
+            self.close_connection = True
+
         def do_GET(self):  # noqa: N802 (http.server API)
+            if not self._host_ok():
+                self._refuse(403, "unknown Host")
+                return
             name = self.path.split("?", 1)[0].lstrip("/") or "index.html"
             if name not in ("index.html", "qc.json") or not (qc_dir / name).exists():
                 self.send_error(404)
                 return
             body = (qc_dir / name).read_bytes()
+            if name == "index.html":
+                body = body.replace(b'<meta name="qc-token" content="">',
+                                    f'<meta name="qc-token" content="{token}">'.encode(), 1)
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8" if name.endswith(".html")
                              else "application/json")
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Frame-Options", "DENY")
             self.end_headers()
             self.wfile.write(body)
 
         def do_POST(self):  # noqa: N802
-            if self.path.split("?", 1)[0] != "/qc.json":
-                self.send_error(404)
+            if not self._host_ok():
+                self._refuse(403, "unknown Host")
                 return
-            length = int(self.headers.get("Content-Length", 0))
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.lower() not in {f"http://{h}" for h in self._allowed_hosts()} \
+                    and not (allow_remote and host not in LOOPBACK_HOSTS):
+                self._refuse(403, "cross-origin write refused")
+                return
+            if not secrets.compare_digest(self.headers.get(TOKEN_HEADER, ""), token):
+                self._refuse(403, "missing or wrong session token (reload the page from qc-serve)")
+                return
+            if self.path.split("?", 1)[0] != "/qc.json":
+                self._refuse(404, "only /qc.json can be written")
+                return
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+                self._refuse(415, "Content-Type must be application/json")
+                return
+            text = (self.headers.get("Content-Length") or "").strip()
+            if not text:
+                self._refuse(411, "Content-Length required")
+                return
+            if not text.isdigit():
+                self._refuse(400, "malformed Content-Length")
+                return
+            length = int(text)
+            if length > MAX_POST_BYTES:
+                self._refuse(413, f"qc.json larger than {MAX_POST_BYTES} bytes")
+                return
+            body = self.rfile.read(length)
             try:
-                data = json.loads(self.rfile.read(min(length, 50_000_000)))
+                if len(body) != length:
+                    raise ValueError("body shorter than Content-Length")
+                data = json.loads(body)
                 if not isinstance(data, dict) or not isinstance(data.get("marks"), dict):
                     raise ValueError("no marks")
-            except ValueError:
-                self.send_error(400, "not a qc.json document")
+            except (ValueError, RecursionError):
+                self._refuse(400, "not a qc.json document")
                 return
             write_atomic_bytes(qc_dir / "qc.json", (json.dumps(data, indent=2) + "\n").encode())
             self.send_response(204)
@@ -132,12 +211,27 @@ def make_server(deriv, host="127.0.0.1", port=8765):
         def log_message(self, format, *args):  # quiet
             pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+    try:
+        server = Server((host, port), Handler)
+    except OSError as error:
+        raise InputError(f"Cannot serve on {host}:{port}: {error.strerror or error} (is another "
+                         "qc-serve running? pass --port)") from error
+    server.token = token
+    return server
 
 
-def serve(deriv, host="127.0.0.1", port=8765) -> int:
-    server = make_server(deriv, host, port)
-    print(f"QC page: http://{host}:{server.server_address[1]}/  (Ctrl+C to stop)", flush=True)
+def serve(deriv, host="127.0.0.1", port=8765, allow_remote=False) -> int:
+    import sys
+
+    server = make_server(deriv, host, port, allow_remote=allow_remote)
+    if host not in LOOPBACK_HOSTS:
+        print(f"warning: serving on {host}: any machine that can reach it can read the QC page; "
+              "writes still need the page's session token", file=sys.stderr)
+    print(f"QC page: http://{host if host != '::1' else '[::1]'}:{server.server_address[1]}/  "
+          "(Ctrl+C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -149,6 +243,7 @@ def serve(deriv, host="127.0.0.1", port=8765) -> int:
 
 PAGE = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
+<meta name="qc-token" content="">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'">
 <title>__TITLE__</title>
 <style>
@@ -255,7 +350,9 @@ async function save() {
   const text = document_(), status = document.getElementById("saved");
   if (location.protocol.startsWith("http")) {
     try {
-      const response = await fetch("qc.json", {method: "POST", headers: {"Content-Type": "application/json"}, body: text});
+      const token = document.querySelector('meta[name="qc-token"]').getAttribute("content");
+      const response = await fetch("qc.json", {method: "POST", body: text,
+        headers: {"Content-Type": "application/json", "X-QC-Token": token}});
       if (response.ok) { status.textContent = " saved to the derivative folder"; return; }
     } catch (e) { /* fall back to a download */ }
   }

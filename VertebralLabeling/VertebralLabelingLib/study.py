@@ -30,7 +30,7 @@ others.  ``shard=(k, n)`` and
 from __future__ import annotations
 
 import csv
-import glob
+import fnmatch
 import hashlib
 import io
 import json
@@ -91,16 +91,19 @@ def find_items(bids, contrast: str = "T2w", subjects=None, shard=None) -> list[I
     bids = Path(bids)
     if not bids.is_dir():
         raise InputError(f"BIDS folder not found: {bids}")
-    items = []
-    for image in sorted(glob.glob(str(bids / "sub-*" / "**" / f"*_{contrast}.nii*"), recursive=True)):
-        image = Path(image)
+    items, keys = [], set()
+    for image in walk_files(bids, lambda rel: _SUBJECT.match(rel.parts[0]) is not None,
+                            lambda name: fnmatch.fnmatch(name, f"*_{contrast}.nii*")):
         rel = image.relative_to(bids)
         if not _SUBJECT.match(rel.parts[0]) or "derivatives" in rel.parts:
             continue
         session = next((p for p in rel.parts[1:-1] if p.startswith("ses-")), "")
+        stem = image.name.split(".nii")[0]
+        if stem in keys:  # the same image reached twice (a symlinked folder): label it once
+            continue
+        keys.add(stem)
         # abspath, not resolve(): symlinked datasets (DataLad, git-annex) keep their own paths
-        items.append(Item(rel.parts[0], session, Path(os.path.abspath(image)), rel.parent,
-                          image.name.split(".nii")[0]))
+        items.append(Item(rel.parts[0], session, Path(os.path.abspath(image)), rel.parent, stem))
     if not items:
         raise InputError(f"No *_{contrast}.nii[.gz] images found under {bids}/sub-*/.")
     if subjects:
@@ -115,6 +118,51 @@ def find_items(bids, contrast: str = "T2w", subjects=None, shard=None) -> list[I
         mine = set(order[k::n])
         items = [item for item in items if item.subject in mine]
     return items
+
+
+#: Deepest folder level below the dataset root that is searched for images.
+MAX_WALK_DEPTH = 12
+
+
+def walk_files(root, top_ok, name_ok, max_depth: int = MAX_WALK_DEPTH) -> list[Path]:
+    """Files under ``root`` whose name passes ``name_ok``, sorted, each folder visited once.
+
+    Why not ``glob("**")``: it follows symlinked folders without remembering where it has been,
+    so a symlink loop in a dataset makes it list one image again and again (or never end).
+    Here symlinked folders are followed (DataLad/git-annex datasets use links) but every real
+    folder is entered once, and the depth is bounded.  ``top_ok(relative path)`` filters the
+    first level (``sub-*``).
+    """
+    root = Path(root)
+    seen, found = set(), []
+
+    def visit(folder: Path, depth: int):
+        try:
+            stat = folder.stat()
+        except OSError:
+            return
+        if (stat.st_dev, stat.st_ino) in seen or depth > max_depth:
+            return
+        seen.add((stat.st_dev, stat.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if depth == 0 and not top_ok(path.relative_to(root)):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links; a dangling or looping link is False/raises
+            except OSError:
+                continue
+            if is_dir:
+                visit(path, depth + 1)
+            elif name_ok(entry.name):
+                found.append(path)
+
+    visit(root, 0)
+    return sorted(found)
 
 
 def parse_shard(text: str | None):
@@ -215,11 +263,13 @@ def default_qc_file(deriv) -> Path:
 # -- decisions -------------------------------------------------------------------------------
 def edited_outputs(item: Item, deriv, record) -> list[Path]:
     """Outputs that exist but differ from what the batch wrote (a person changed them)."""
-    written = (record or {}).get("outputs", {})
+    written = (record or {}).get("outputs") or {}
+    pending = (record or {}).get("pending") or {}  # files an interrupted run was renaming in
     edited = []
     for suffix in (SUFFIX_MARKUPS, SUFFIX_DLABEL):
         path = item.path(deriv, suffix)
-        if path.exists() and path.name in written and sha256_file(path) != written[path.name]:
+        if path.exists() and path.name in written and \
+                sha256_file(path) not in (written[path.name], pending.get(path.name)):
             edited.append(path)
     return edited
 
@@ -262,9 +312,83 @@ def plan(item: Item, deriv, model_version: str, overwrite=False, overwrite_corre
 _WORKER = {}
 
 
-def _init_worker(model, threads):
-    """Worker set-up: load the model once, ONNX Runtime limited to ``threads`` per call (0: all)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Make this worker process end when the batch process that started it ends.
+
+    Why: a killed batch (SIGKILL, out-of-memory killer, closed terminal) otherwise leaves its
+    workers running, each holding a model (0.7 GB).  Linux delivers SIGKILL on the parent's
+    death (prctl PR_SET_PDEATHSIG); elsewhere, and as a backstop, a daemon thread watches the
+    parent process id and exits when the worker has been re-parented.
+    """
+    import threading
+
+    parent = parent or os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the batch died before this worker got here
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+#: Temporary files of our atomic writers: ``.NAME.tmp-PID``, ``.tmp-PID-NAME``, ``.part-PID-NAME``.
+_TEMPORARY = re.compile(r"^\.(?:.+\.tmp-(\d+)|tmp-(\d+)-.+|part-(\d+)-.+)$")
+
+
+def remove_stale_temporaries(deriv, min_age_s: float = 60.0, max_age_s: float = 3600.0) -> list[Path]:
+    """Delete temporary files that a killed run left in the derivative folder.
+
+    A temporary is stale when the process in its name is gone and it is older than ``min_age_s``,
+    or when it is older than ``max_age_s`` whatever its process (shards on other machines write
+    to the same folder, so a young file of an unknown process is left alone).
+    """
+    removed, now = [], time.time()
+    for path in walk_files(deriv, lambda rel: True, lambda name: _TEMPORARY.match(name) is not None):
+        pid = int(next(g for g in _TEMPORARY.match(path.name).groups() if g))
+        try:
+            age = now - path.lstat().st_mtime
+        except OSError:
+            continue
+        alive = True
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except OSError:
+                pass
+        else:
+            alive = False
+        if age > max_age_s or (not alive and age > min_age_s):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _init_worker(model, threads, parent=None):
+    """Worker set-up: load the model once, ONNX Runtime limited to ``threads`` per call (0: all).
+
+    ``parent``: the batch process's id in a pool worker, which then ends with it
+    (:func:`die_with_parent`); None when the batch process loads the model itself.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only for a user's .keras model
+    if parent is not None:
+        die_with_parent(parent)
     from .labeling import DiscLabeler
 
     _WORKER["labeler"] = DiscLabeler.load(model, threads=threads)
@@ -308,8 +432,15 @@ def _label_in_threads(todo, deriv, model_version, bids, threads):
 
 
 def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
-    """Label one item and write its outputs and record; never raises (failures are recorded)."""
+    """Label one item and write its outputs and record; never raises (failures are recorded).
+
+    The record is a journal: it says ``started`` before anything is written and ``ok`` (with the
+    outputs' hashes) only after all outputs are in place, and the outputs are written
+    all-or-nothing.  A run killed in between leaves ``started``, so the next run labels the
+    item again instead of taking its outputs for a person's files and skipping it for good.
+    """
     from . import export
+    from .outputs import write_all
     from .volume import load_volume
 
     deriv = Path(deriv)
@@ -317,22 +448,33 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
     record = {"key": item.key, "subject": item.subject, "session": item.session,
               "image": _rel_image(item, bids), "model_version": model_version,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
+    record_path = item.path(deriv, SUFFIX_RECORD)
+    previous = read_json(record_path)
+    # The files of the last good run stay known (a person may still edit them), and the new
+    # files' hashes are added just before they are renamed in (see write_all's before_commit).
+    started = dict(record, status="started",
+                   outputs=(previous.get("outputs") or {}) if isinstance(previous, dict) else {})
+
+    def journal(staged):
+        write_json(record_path, dict(started, pending={path.name: sha256_file(tmp) for tmp, path in staged}))
+
     try:
+        write_json(record_path, started)
         stat = item.image.stat()
         record.update(image_sha256=sha256_file(item.image), image_size=stat.st_size,
                       image_mtime_ns=stat.st_mtime_ns)
         volume = load_volume(item.image)
         result = _WORKER["labeler"].label(volume)
-        outputs = {}
         writers = ((SUFFIX_DLABEL, lambda p: export.write_disc_label_nifti(result.discs, volume, p)),
                    (SUFFIX_MARKUPS, lambda p: export.write_markups_json(result.discs, p)),
                    (SUFFIX_QC, lambda p: export.write_qc_png(result, p)))
-        for suffix, write in writers:
-            path = item.path(deriv, suffix)
-            write(path)
-            outputs[path.name] = sha256_file(path)
+        write_all([(item.path(deriv, suffix), write) for suffix, write in writers], before_commit=journal)
+        outputs = {item.path(deriv, suffix).name: sha256_file(item.path(deriv, suffix))
+                   for suffix, _ in writers}
         record.update(status="ok", outputs=outputs, discs=[d.to_dict() for d in result.discs],
-                      warnings=list(result.warnings), spine_found=bool(result.spine_found))
+                      warnings=list(result.warnings), spine_found=bool(result.spine_found),
+                      geometry={"shape": [int(n) for n in volume.array.shape],
+                                "ijk_to_ras": [[float(v) for v in row] for row in volume.ijk_to_ras]})
     except Exception as error:  # one image's failure never stops the study
         from .errors import VertebralLabelingError
 
@@ -340,7 +482,7 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
         if not isinstance(error, VertebralLabelingError):
             record["traceback"] = traceback.format_exc(limit=8)
     record["seconds"] = round(time.perf_counter() - start, 3)
-    write_json(item.path(deriv, SUFFIX_RECORD), record)
+    write_json(record_path, record)
     return record
 
 
@@ -469,6 +611,9 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
         raise InputError(f"Cannot write the derivative folder {deriv} ({error.strerror}); "
                          "pass --out to write it elsewhere (e.g. when the dataset is read-only).")
     logger = _Log(deriv / LOG_NAME, log)
+    stale = remove_stale_temporaries(deriv)
+    if stale:
+        logger(f"removed {len(stale)} temporary file(s) left by an interrupted run")
     t0 = time.perf_counter()
     summary = BatchSummary(workers=workers)
     todo = []
@@ -506,7 +651,8 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
             context = multiprocessing.get_context("spawn")  # ONNX Runtime / TensorFlow are not fork-safe
             try:
                 pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
-                                           initializer=_init_worker, initargs=(model, per_process))
+                                           initializer=_init_worker,
+                                           initargs=(model, per_process, os.getpid()))
                 _warm_pool(pool, min(workers, len(todo)))  # start-up + model loading untimed
             except BrokenProcessPool as error:
                 from .errors import ModelError
@@ -515,21 +661,25 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
                 raise ModelError(f"The worker processes could not start or load the model "
                                  f"{model} ({error}); try --workers 1 to see the error.") from error
             with pool:
-                t_label = bar.start = time.perf_counter()
-                futures = {pool.submit(_run_one, item, deriv, identity["version"], bids): item
-                           for item in todo}
-                for future in as_completed(futures):
-                    try:
-                        records.append(future.result())
-                    except Exception as error:  # the worker process died (e.g. out of memory)
-                        records.append(_crashed(futures[future], deriv, identity["version"], bids, error))
-                    _report_record(records[-1], logger, bar)
-                t_end = time.perf_counter()  # before the pool shuts down
+                try:
+                    t_label = bar.start = time.perf_counter()
+                    futures = {pool.submit(_run_one, item, deriv, identity["version"], bids): item
+                               for item in todo}
+                    for future in as_completed(futures):
+                        try:
+                            records.append(future.result())
+                        except Exception as error:  # the worker process died (e.g. out of memory)
+                            records.append(_crashed(futures[future], deriv, identity["version"], bids, error))
+                        _report_record(records[-1], logger, bar)
+                    t_end = time.perf_counter()  # before the pool shuts down
+                except BaseException:  # Ctrl+C, SIGTERM: take the workers down now, not after their items
+                    _stop_workers(pool)
+                    raise
         summary.seconds_labeling = t_end - t_label
         summary.labeled = sum(r["status"] == "ok" for r in records)
         summary.failed = sum(r["status"] != "ok" for r in records)
     summary.seconds_total = time.perf_counter() - t0
-    summary.table = write_table(bids, deriv, contrast, qc_file)
+    summary.table = write_table(bids, deriv, contrast, qc_file, log=logger)
     if report:
         from .qc_report import write_report
 
@@ -544,6 +694,15 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
     if failed_qc:
         logger(f"QC marked fail ({len(failed_qc)}): {', '.join(failed_qc)}")
     return summary
+
+
+def _stop_workers(pool) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.terminate()
+        except (OSError, AttributeError):
+            pass
 
 
 def _report_record(record, logger, bar):
@@ -574,18 +733,26 @@ class _Log:
 
 
 # -- the study table -------------------------------------------------------------------------
-def corrected_discs(item: Item, deriv):
-    """(label, RAS) of the human-corrected markups of an item, or None."""
-    from .export import read_markups_json
+def corrected_discs(item: Item, deriv, record=None):
+    """(label, RAS) pairs of the human-corrected markups of an item, or None when there is none.
+
+    Validated (markups format and anatomy, see ``markups_check``; inside the image when the
+    record holds its geometry): InputError with the reason when the correction is unusable.
+    """
+    from .markups_check import read_disc_points
 
     path = item.path(deriv, SUFFIX_CORRECTED)
     if not path.exists():
         return None
-    return read_markups_json(path)
+    return read_disc_points(path, (record or {}).get("geometry"))
 
 
-def write_table(bids, deriv, contrast="T2w", qc_file=None) -> Path:
-    """(Re)build ``discs.csv`` from the item records: corrected points win over predictions."""
+def write_table(bids, deriv, contrast="T2w", qc_file=None, log=None) -> Path:
+    """(Re)build ``discs.csv`` from the item records: corrected points win over predictions.
+
+    A correction that fails validation gives one row with status ``correction-rejected`` and
+    the reason (also sent to ``log``); the other images are unaffected.
+    """
     deriv = Path(deriv)
     marks = read_qc_marks(qc_file or default_qc_file(deriv))
     buffer = io.StringIO()
@@ -593,18 +760,25 @@ def write_table(bids, deriv, contrast="T2w", qc_file=None) -> Path:
     writer.writerow(TABLE_COLUMNS)
     for item in find_items(bids, contrast):
         record = read_json(item.path(deriv, SUFFIX_RECORD))
-        if record is None:
+        if not isinstance(record, dict):
             continue
         base = {"subject": item.subject, "session": item.session, "image": record.get("image", ""),
                 "model_version": record.get("model_version", ""), "qc": marks.get(item.key, ""),
                 "status": record.get("status", ""), "error": record.get("error", "")}
-        corrected = corrected_discs(item, deriv)
+        try:
+            corrected = corrected_discs(item, deriv, record)
+        except InputError as error:
+            corrected = None
+            base.update(status="correction-rejected", error=str(error))
+            if log:
+                log(f"{item.key}: correction rejected, {error}")
+            writer.writerow([base[c] if c in base else "" for c in TABLE_COLUMNS])
+            continue
         if corrected is not None:
             value_of = dict(zip(DISC_NAMES, DISC_VALUES))
-            for label, ras, _ in corrected:
-                if label in value_of:
-                    writer.writerow(_row(base, label, value_of[label], ras, "", 0, "", "corrected"))
-        elif record.get("status") == "ok":
+            for label, ras in corrected:
+                writer.writerow(_row(base, label, value_of[label], ras, "", 0, "", "corrected"))
+        elif record.get("status") == "ok" and isinstance(record.get("discs"), list):
             for d in record["discs"]:
                 writer.writerow(_row(base, d["name"], d["value"], d["ras"], f"{d['confidence']:.3f}",
                                      int(d["flagged"]), d["reason"], "model"))
@@ -641,11 +815,10 @@ def study_entries(deriv, bids=None, contrast="T2w"):
 
             bids = Path(unquote(urlparse(url).path))
     entries = []
-    for path in sorted(glob.glob(str(deriv / "sub-*" / "**" / f"*_{contrast}{SUFFIX_RECORD}"),
-                                 recursive=True)):
-        path = Path(path)
+    for path in walk_files(deriv, lambda rel: rel.parts[0].startswith("sub-"),
+                           lambda name: name.endswith(f"_{contrast}{SUFFIX_RECORD}")):
         record = read_json(path)
-        if not record:
+        if not isinstance(record, dict) or not record:
             continue
         image = Path(record.get("image", ""))
         if not image.is_absolute() and bids is not None:

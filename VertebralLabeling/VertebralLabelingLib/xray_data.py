@@ -125,12 +125,28 @@ def radiograph_from_sitk(image, name: str = "xray") -> Radiograph:
                       float(origin[2]) if dim == 3 else 0.0)
 
 
+#: Largest radiograph accepted (pixels per side, and in all), decided from the header: a
+#: 2.4 MB PNG can declare 30000 x 30000 pixels (12 GB once decoded).  Digital radiographs are
+#: at most about 4300 x 4300.
+MAX_XRAY_SIDE = 10000
+MAX_XRAY_PIXELS = 50_000_000
+
+
+def check_header_2d(size, spacing, origin, direction) -> None:
+    """Radiograph limits from the header alone (see :func:`volume.check_geometry`)."""
+    from .volume import check_geometry
+
+    check_geometry(size, spacing, origin, direction, max_side=MAX_XRAY_SIDE,
+                   max_voxels=MAX_XRAY_PIXELS, what="image", spacing_range=(1e-3, 100.0),
+                   max_extent=float("inf"))
+
+
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read any 2D image SimpleITK opens (JPEG, PNG, DICOM file or folder, NRRD, ...)."""
     from .volume import read_image
 
     path = Path(path)
-    image = read_image(path)  # InputError for missing / unreadable files
+    image = read_image(path, check=check_header_2d)  # InputError for missing / unreadable / too big
     name = path.name
     for suffix in (".nii.gz", ".nrrd", ".jpeg", ".jpg", ".png", ".dcm", ".tif", ".tiff", ".mha",
                    ".nii", ".bmp"):
