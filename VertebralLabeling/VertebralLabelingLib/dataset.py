@@ -265,8 +265,14 @@ def _augment_intensity(image, inside, rng, strength):
     x = image
     if rng.random() < 0.8 * strength:
         x = np.clip(x, 0, None) ** np.exp(rng.uniform(-0.5, 0.5))
-    if rng.random() < 0.15 * strength:  # inverted contrast (T1-like CSF) keeps anatomy, not intensities
-        x = np.clip(1.2 - x, 0, None)
+    if rng.random() < 0.2 * strength:  # T1-like: fluid dark, but only inside the body (air stays dark)
+        body = ndimage.gaussian_filter(x, 2.0) > rng.uniform(0.05, 0.12)
+        x = np.where(body, np.clip(1.15 - x, 0, None), x * 0.3)
+    elif rng.random() < 0.25 * strength:  # any intensity curve, monotonic or not (SynthSeg-style)
+        knots = np.linspace(0, 1.5, int(rng.integers(4, 10)))
+        values = rng.uniform(0, 1, len(knots))
+        values[0] = rng.uniform(0, 0.1)
+        x = np.interp(x, knots, values)
     if rng.random() < 0.5 * strength:
         x = x * np.exp(_smooth_field(rng, x.shape, 48, 0.25))
     if rng.random() < 0.2 * strength:

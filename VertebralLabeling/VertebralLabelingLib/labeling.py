@@ -198,10 +198,13 @@ class DiscLabeler:
 
     @staticmethod
     def _to_discs(plane: SagittalSlice, positions, peaks) -> list:
+        # The median slice, not the mean: when one parallel slice decodes a chain a level off,
+        # the mean would land between two discs; the spread still lowers the confidence.
+        centre = np.median(positions, axis=0)
         mean = positions.mean(axis=0)
         spread = np.sqrt(((positions - mean) ** 2).sum(axis=-1).mean(axis=0))
         confidence = np.clip(peaks.mean(axis=0), 0, 1) * np.exp(-spread ** 2 / (2 * 2.0 ** 2))
-        ras = plane.pixel_to_ras(mean)
+        ras = plane.pixel_to_ras(centre)
         return [DiscPoint(v, n, ras[k], float(confidence[k]))
                 for k, (v, n) in enumerate(zip(DISC_VALUES, DISC_NAMES))]
 
