@@ -2,7 +2,9 @@
 module files loaded headless.
 
 Tests that need ../shared/data fail (not skip) when CI=true and the data is missing, so CI can
-never pass by silently skipping the real-data tests.
+never pass by silently skipping the real-data tests.  That rule is ``skip_or_fail``, here only:
+tests reach it through ``require_path`` and ``require_module``.  Tests that read the shared data
+are marked ``realdata`` (those using the data fixtures automatically); long ones ``slow``.
 """
 
 import importlib
@@ -21,15 +23,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from VertebralLabelingLib.dataset import data_root  # noqa: E402
 
+#: Fixtures that hand out the shared data folder: a test using one reads real data.
+REAL_DATA_FIXTURES = {"mri_bids", "pam50_dir", "aasce"}
 
-def require_path(path: Path) -> Path:
-    """Return ``path`` if it exists; otherwise fail in CI and skip elsewhere."""
-    if path.exists():
-        return path
-    message = f"test data missing: {path} (set VERTEBRAL_LABELING_DATA)"
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses a shared-data fixture ``realdata`` (``-m "not realdata"`` runs
+    what a clone without ../shared/data can run)."""
+    for item in items:
+        if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realdata)
+
+
+def skip_or_fail(message: str):
+    """Skip the test, but fail it in CI (CI=true): CI must never pass by skipping."""
     if os.environ.get("CI") == "true":
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_path(path: Path, hint: str = "test data: set VERTEBRAL_LABELING_DATA") -> Path:
+    """Return ``path`` if it exists; otherwise skip, or fail in CI."""
+    if path.exists():
+        return path
+    skip_or_fail(f"missing: {path} ({hint})")
 
 
 def require_module(name: str, reason: str = ""):
@@ -38,10 +55,7 @@ def require_module(name: str, reason: str = ""):
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        message = f"{name} not installed ({reason or error}); scripts/test.sh installs it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message, allow_module_level=True)
+        skip_or_fail(f"{name} not installed ({reason or error}); scripts/test.sh installs it")
 
 
 @pytest.fixture(scope="session")

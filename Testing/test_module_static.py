@@ -9,6 +9,7 @@ in test_slicer_modules.py.
 """
 
 import ast
+import fnmatch
 import re
 import struct
 import xml.etree.ElementTree as ElementTree
@@ -211,7 +212,7 @@ def test_adapter_uses_mrml_but_no_gui():
 
 def cmake_listed(path):
     text = path.read_text()
-    return set(re.findall(r"[\w/${}.]+\.(?:py|png|ui|txt)\b", text)), text
+    return set(re.findall(r"[\w/${}.]+\.(?:py|png|ui|txt|html)\b", text)), text
 
 
 def test_cmake_installs_every_python_file_and_resource():
@@ -222,6 +223,9 @@ def test_cmake_installs_every_python_file_and_resource():
     assert expected - listed == set(), f"not in CMakeLists.txt: {sorted(expected - listed)}"
     for name in listed:
         assert (MODULE_DIR / name).exists(), f"CMakeLists.txt lists a missing file: {name}"
+    templates = {f"VertebralLabelingLib/templates/{p.name}"
+                 for p in (MODULE_DIR / "VertebralLabelingLib" / "templates").iterdir()}
+    assert templates and templates <= listed, "the QC page template must be installed"
     for resource in ("Resources/Icons/VertebralLabeling.png", "Resources/UI/VertebralLabeling.ui",
                      "Resources/requirements.txt"):
         assert resource in listed
@@ -229,6 +233,18 @@ def test_cmake_installs_every_python_file_and_resource():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     for pattern in ("Resources/Models/*.onnx", "Resources/Models/*.json", "Resources/Models/*.md"):
         assert pattern in text
+
+
+def test_pip_package_includes_the_qc_template():
+    """qc_report reads its page with importlib.resources: the wheel must carry the template."""
+    from conftest import require_module
+
+    tomllib = require_module("tomllib", "Python 3.11 or newer")
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["VertebralLabelingLib"]
+    lib = MODULE_DIR / "VertebralLabelingLib"
+    templates = [p.relative_to(lib).as_posix() for p in (lib / "templates").iterdir()]
+    assert templates and all(any(fnmatch.fnmatch(t, pattern) for pattern in patterns) for t in templates)
 
 
 def test_top_level_cmake_is_an_extension():
