@@ -151,7 +151,8 @@ class CobbAngleWidget(SpineModuleWidget):
     # -- angles table --------------------------------------------------------------------------
     def onAnglesChanged(self, cobb, message) -> None:
         """Called by the live observer after every corner change."""
-        from VertebralLabelingLib.xray_export import ANGLE_COLUMNS as CURVES, curve_region
+        from VertebralLabelingLib.xray_export import ANGLE_COLUMNS as CURVES
+        from VertebralLabelingLib.xray_export import curve_region
 
         table = self.ui.anglesTable
         table.setRowCount(3)
@@ -279,6 +280,7 @@ class CobbAngleTest(SpineModuleTest):
     def test_BundledModelRuns(self):
         """The bundled .onnx model loads on ONNX Runtime and gives its two heads at 1/4 size."""
         import numpy as np
+
         from VertebralLabelingLib.xray_label import XrayLabeler
 
         self.delayDisplay("Running the bundled X-ray model")
@@ -293,6 +295,7 @@ class CobbAngleTest(SpineModuleTest):
     def test_LiveUpdateWithFakeModel(self):
         """A fake labeler gives a straight spine (0 deg); tilting one vertebra updates the angles."""
         import numpy as np
+
         from VertebralLabelingLib.xray_data import Radiograph
         from VertebralLabelingLib.xray_label import XrayResult, cobb_from_physical
         from VertebralLabelingSlicerLib import xray_adapter

@@ -85,6 +85,7 @@ def disc_logic(vl, calls):
 @pytest.fixture
 def volume_node(vl):
     import slicer
+
     from VertebralLabelingLib.phantom import make_phantom
     from VertebralLabelingSlicerLib import mrml_adapter
 
@@ -143,6 +144,7 @@ def test_logic_keeps_one_labeler_per_model_and_needs_no_runtime_with_a_fake(vl):
 @pytest.fixture
 def radiograph_node(cobb):
     import slicer
+
     from VertebralLabelingLib.xray_data import Radiograph
     from VertebralLabelingSlicerLib import xray_adapter
 
@@ -201,6 +203,7 @@ def test_cobb_logic_manual_template_is_a_straight_spine(cobb, radiograph_node):
 def runtime_missing(monkeypatch):
     """ONNX Runtime reported missing until Slicer's pip_install (recorded) has run."""
     import slicer
+
     from VertebralLabelingSlicerLib import dependencies
 
     installed = []

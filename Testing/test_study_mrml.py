@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import require_module
 
 slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")

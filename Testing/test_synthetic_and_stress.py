@@ -13,7 +13,7 @@ from VertebralLabelingLib.dataset import read_disc_labels
 from VertebralLabelingLib.evaluate import _summary, is_wrong
 from VertebralLabelingLib.labeling import DiscPoint, LevelCount, check_level_by_count, count_from_c2
 from VertebralLabelingLib.midsagittal import SagittalSlice
-from VertebralLabelingLib.stress import make_variant, write_stress_dataset
+from VertebralLabelingLib.stress import make_variant
 
 
 # -- generator ---------------------------------------------------------------------------------

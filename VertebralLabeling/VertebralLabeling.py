@@ -61,9 +61,9 @@ win afterwards (study table, <code>import-corrections</code>, retraining).
         self.parent.acknowledgementText = """
 The optional <i>romero2018</i> model reproduces the per-disc convolutional regressor design of
 Romero F.P., David J.-P., Cohen-Adad J., "Vertebral labeling on MRI using deep learning
-techniques", NeuroInformatics 2018, Montreal (doi:10.13140/RG.2.2.33723.92962); the default <i>compact</i> model is a heatmap network that shares one
-backbone between the six discs.  Disc values follow the Spinal Cord Toolbox / spine-generic
-convention (3 = C2-C3 ... 8 = C7-T1).
+techniques", NeuroInformatics 2018, Montreal (doi:10.13140/RG.2.2.33723.92962); the default
+<i>compact</i> model is a heatmap network that shares one backbone between the six discs.  Disc
+values follow the Spinal Cord Toolbox / spine-generic convention (3 = C2-C3 ... 8 = C7-T1).
 """
 
 
@@ -451,6 +451,7 @@ class VertebralLabelingTest(SpineModuleTest):
     def test_EditsAreProtected(self):
         """With a fake labeler (no model needed): edits are detected and never lost silently."""
         import numpy as np
+
         from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
         from VertebralLabelingLib.labeling import DiscPoint
         from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost

@@ -30,7 +30,7 @@ import slicer  # noqa: F401 (loads the markups MRML classes that AddNewNodeByCla
 import vtk
 
 from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
-from VertebralLabelingLib.errors import InputError, VertebralLabelingError
+from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.export import describe  # same description text as the .mrk.json export
 from VertebralLabelingLib.labeling import DiscPoint
 from VertebralLabelingLib.volume import Volume

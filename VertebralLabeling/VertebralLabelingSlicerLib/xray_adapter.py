@@ -22,7 +22,7 @@ import numpy as np
 import vtk
 
 from VertebralLabelingLib.cobb import N_POINTS, VERTEBRA_NAMES
-from VertebralLabelingLib.errors import InputError, VertebralLabelingError
+from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.xray_data import POINT_LABELS, Radiograph, radiograph_from_sitk
 from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
