@@ -238,3 +238,25 @@ def test_self_test_skips_the_bundled_model_without_the_runtime(slicer_module, ru
         setattr(test_class, method, lambda self, method=method: ran.append(method))
     assert test_class().run().wasSuccessful()
     assert ran == list(test_class.fakeModelTests) and runtime_missing == []
+
+
+# -- the widget's edit guard (module_base), the one piece of Apply that needs no Qt ---------------
+@pytest.mark.parametrize("replace", [True, False])
+def test_apply_asks_before_replacing_edits(vl, volume_node, monkeypatch, replace):
+    """Yes replaces the edited points in place; No writes a new point list and keeps them."""
+    import types
+
+    import slicer
+
+    widget = vl.VertebralLabelingWidget()
+    widget.logic = disc_logic(vl, [])
+    edited = widget.logic.process(volume_node)
+    edited.SetNthControlPointPositionWorld(0, 0.0, 0.0, 0.0)
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay",
+                        lambda text, windowTitle: asked.append((text, windowTitle)) or replace)
+    params = types.SimpleNamespace(inputVolume=volume_node, outputMarkups=edited)
+    node = widget._processKeepingEdits(params, {"sliceR": None})
+    assert len(asked) == 1 and asked[0][1] == "Vertebral Labeling" and "Replace your edited points" in asked[0][0]
+    assert (node is edited) == replace
+    np.testing.assert_allclose(world(edited, 0), [1.0, 0.0, 30.0] if replace else [0.0, 0.0, 0.0], atol=1e-9)
