@@ -33,6 +33,7 @@ def truth(mri_bids, sub):
                             f"{sub}_T2w_label-discs_dlabel.nii.gz")
 
 
+@pytest.mark.slow
 def test_label_correct_import_retrain_label_again(tmp_path, mri_bids):
     deriv = tmp_path / "derivatives" / "vertebral-labeling"
     assert batch(mri_bids, deriv) == 0

@@ -20,6 +20,8 @@ import pytest
 from conftest import require_module, require_path
 from study_common import SUBJECTS, batch, run_cli
 
+pytestmark = pytest.mark.slow  # a real browser, and a batch over the shared subjects
+
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
 KEYS = [f"{s}_T2w" for s in SUBJECTS]

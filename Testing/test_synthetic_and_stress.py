@@ -205,6 +205,7 @@ def test_thick_slices_resample_left_right(mri_bids):
     assert sorted(thick.GetSpacing())[:2] == pytest.approx(sorted(image.GetSpacing())[:2])
 
 
+@pytest.mark.slow
 def test_stress_command_writes_an_evaluable_dataset(mri_bids, tmp_path):
     from VertebralLabelingLib.cli import main
     from VertebralLabelingLib.dataset import find_bids_pairs
