@@ -4,26 +4,18 @@ The second module of the VertebralLabeling extension, a thin GUI like the first 
 landmark model, the Cobb method and the writers are ``VertebralLabelingLib`` (no Slicer code,
 shared with ``vertebral-labeling xray``); every MRML conversion is in
 ``VertebralLabelingSlicerLib.xray_adapter``.  Both are imported lazily, inside methods, so that
-Slicer lists the module even before ONNX Runtime is installed.
+Slicer lists the module even before ONNX Runtime is installed.  What this module does like
+VertebralLabeling (parameter node, Apply, edit guard, export, self-test runner) is
+``VertebralLabelingSlicerLib.module_base``; this file is what is special to Cobb angles.
 """
 
-import logging
 import os
 import sys
 
-import ctk
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
 
 # The shared packages live in the VertebralLabeling module folder (installed side by side in an
 # extension build; siblings in the source tree).
@@ -32,21 +24,27 @@ for _folder in (_MODULE_DIR, os.path.join(os.path.dirname(_MODULE_DIR), "Vertebr
     if os.path.isdir(_folder) and _folder not in sys.path:
         sys.path.insert(0, _folder)
 
+# Imported after the sys.path set-up above; it imports only Slicer packages at its top.
+from VertebralLabelingSlicerLib.module_base import (  # noqa: E402
+    SpineModule,
+    SpineModuleLogic,
+    SpineModuleTest,
+    SpineModuleWidget,
+    setupTable,
+)
+
 ANGLE_COLUMNS = ("Curve", "Angle (deg)", "End vertebrae", "Region")
 
 
 #
 # CobbAngle
 #
-class CobbAngle(ScriptedLoadableModule):
+class CobbAngle(SpineModule):
     """Module description shown in Slicer's module list and help panel."""
 
     def __init__(self, parent):
-        ScriptedLoadableModule.__init__(self, parent)
+        SpineModule.__init__(self, parent)
         self.parent.title = "Cobb Angle (AP X-ray)"
-        self.parent.categories = ['Spine']
-        self.parent.dependencies = ["Markups"]
-        self.parent.contributors = ["VertebralLabeling contributors"]
         self.parent.helpText = """
 Finds the four corners of each vertebra T1 to L5 (68 points, AASCE 2019 convention) on a frontal
 (AP) spine radiograph and computes the three Cobb angles with their end vertebrae.<br>
@@ -85,95 +83,28 @@ class CobbAngleParameterNode:
 #
 # CobbAngleWidget
 #
-class CobbAngleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CobbAngleWidget(SpineModuleWidget):
     """The panel: pick a radiograph, Apply (or place corners by hand), read and export angles."""
 
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+    windowTitle = "Cobb Angle"
+    applyToolTip = "Find the corners and angles"
+    missingInputToolTip = "Select a radiograph"
+    pointsName = "corners"
+    exports = {"exportMarkupsButton": ("Markups JSON (*.mrk.json)", ".mrk.json", "markups"),
+               "exportCsvButton": ("CSV (*.csv)", "_corners.csv", "csv"),
+               "exportAnglesButton": ("JSON (*.json)", "_cobb.json", "angles")}
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
+    def createLogic(self):
+        return CobbAngleLogic()
 
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CobbAngle.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = CobbAngleLogic()
-
-        self.ui.anglesTable.setColumnCount(len(ANGLE_COLUMNS))
-        self.ui.anglesTable.setHorizontalHeaderLabels(list(ANGLE_COLUMNS))
-        self.ui.anglesTable.horizontalHeader().setStretchLastSection(True)
-        self.ui.anglesTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
-        self.ui.progressBar.setVisible(False)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.outputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+    def setupPanel(self) -> None:
+        setupTable(self.ui.anglesTable, ANGLE_COLUMNS)
         self.ui.manualTemplateButton.connect("clicked(bool)", self.onManualTemplate)
         self.ui.manualPlaceButton.connect("clicked(bool)", self.onManualPlace)
-        self.ui.exportMarkupsButton.connect("clicked(bool)", self.onExportMarkups)
-        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
-        self.ui.exportAnglesButton.connect("clicked(bool)", self.onExportAngles)
 
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-        if self.logic:
-            self.logic.stopLive()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.logic.stopLive()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-            self._updateState()
-
-    def _updateState(self, caller=None, event=None) -> None:
-        if not self._parameterNode:
-            return
-        hasInput = bool(self._parameterNode.inputVolume)
-        self.ui.applyButton.enabled = hasInput
-        self.ui.applyButton.toolTip = "Find the corners and angles" if hasInput else "Select a radiograph"
+    def updatePanel(self, hasInput, hasPoints) -> None:
+        """Manual mode needs the radiograph; the angle export needs angles."""
         self.ui.manualTemplateButton.enabled = hasInput
-        hasPoints = bool(self._parameterNode.outputMarkups
-                         and self._parameterNode.outputMarkups.GetNumberOfControlPoints())
-        self.ui.exportMarkupsButton.enabled = hasPoints
-        self.ui.exportCsvButton.enabled = hasPoints
         self.ui.exportAnglesButton.enabled = hasPoints and self.logic.lastCobb is not None
 
     def onOutputChanged(self, node) -> None:
@@ -186,64 +117,10 @@ class CobbAngleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onAnglesChanged(None, "")
 
     # -- model ---------------------------------------------------------------------------------
-    def onApplyButton(self) -> None:
-        from VertebralLabelingLib.errors import VertebralLabelingError
-        from VertebralLabelingSlicerLib.xray_adapter import UserEditsWouldBeLost
-
-        try:
-            if not self.logic.ensureRuntime(self.askInstallRuntime, busy=self.installing):
-                self.ui.statusLabel.text = "ONNX Runtime is not installed: nothing was labeled."
-                return
-        except Exception as error:  # pip failed (offline, no wheel for this Python, ...)
-            logging.exception("Installing ONNX Runtime failed")
-            slicer.util.errorDisplay(f"Installing ONNX Runtime failed: {error}\n"
-                                     "See the Python console for pip's output.", windowTitle="Cobb Angle")
-            return
-        params = self._parameterNode
-        self.ui.applyButton.enabled = False
-        self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.value = 0
-        try:
-            self.logic.modelName = params.modelName or "xray-compact"
-            try:
-                node = self.logic.process(params.inputVolume, params.outputMarkups, progress=self.onProgress)
-            except UserEditsWouldBeLost as edited:
-                if slicer.util.confirmYesNoDisplay(
-                        f"{edited}\n\nReplace your edited corners?\n"
-                        "(No: the new result goes into a new point list.)", windowTitle="Cobb Angle"):
-                    node = self.logic.process(params.inputVolume, params.outputMarkups,
-                                              progress=self.onProgress, overwriteEdits=True)
-                else:
-                    node = self.logic.process(params.inputVolume, None, progress=self.onProgress)
-            params.outputMarkups = node
-            self.logic.startLive(params.inputVolume, node, self.onAnglesChanged)
-            slicer.util.setSliceViewerLayers(background=params.inputVolume, fit=True)
-            self.ui.statusLabel.text = self.logic.summary()
-        except VertebralLabelingError as error:
-            self.ui.statusLabel.text = "Failed: " + str(error)
-            slicer.util.errorDisplay(str(error), windowTitle="Cobb Angle")
-        except Exception as error:  # a bug: keep the details in the log
-            logging.exception("Cobb angle labeling failed")
-            slicer.util.errorDisplay(f"Labeling failed unexpectedly: {error}", windowTitle="Cobb Angle")
-        finally:
-            self.ui.progressBar.setVisible(False)
-            self._updateState()
-
-    def askInstallRuntime(self, requirements) -> bool:
-        return slicer.util.confirmOkCancelDisplay(
-            "The X-ray landmark model runs its model on ONNX Runtime, which is not installed in Slicer's Python yet.\n\n"
-            f"Install {', '.join(requirements)} now? (one download of about 80 MB)", windowTitle="Cobb Angle")
-
-    def installing(self, message):
-        """Shown while pip runs: a status line and a wait cursor (the download takes a while)."""
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()
-        return slicer.util.WaitCursor()
-
-    def onProgress(self, fraction, message) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()
+    def showResult(self, volumeNode, markupsNode) -> None:
+        """Follow the new corners live (angles table, Cobb lines) and show the radiograph."""
+        self.logic.startLive(volumeNode, markupsNode, self.onAnglesChanged)
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
 
     # -- manual mode ---------------------------------------------------------------------------
     def onManualTemplate(self) -> None:
@@ -259,7 +136,7 @@ class CobbAngleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             node = self.logic.manualNode(params.inputVolume, template)
         except VertebralLabelingError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="Cobb Angle")
+            slicer.util.errorDisplay(str(error), windowTitle=self.windowTitle)
             return
         params.outputMarkups = node
         self.logic.startLive(params.inputVolume, node, self.onAnglesChanged)
@@ -274,7 +151,8 @@ class CobbAngleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- angles table --------------------------------------------------------------------------
     def onAnglesChanged(self, cobb, message) -> None:
         """Called by the live observer after every corner change."""
-        from VertebralLabelingLib.xray_export import ANGLE_COLUMNS as CURVES, curve_region
+        from VertebralLabelingLib.xray_export import ANGLE_COLUMNS as CURVES
+        from VertebralLabelingLib.xray_export import curve_region
 
         table = self.ui.anglesTable
         table.setRowCount(3)
@@ -292,37 +170,11 @@ class CobbAngleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = message
         self._updateState()
 
-    # -- exports -------------------------------------------------------------------------------
-    def onExportMarkups(self) -> None:
-        self._export("Markups JSON (*.mrk.json)", ".mrk.json", "markups")
-
-    def onExportCsv(self) -> None:
-        self._export("CSV (*.csv)", "_corners.csv", "csv")
-
-    def onExportAngles(self) -> None:
-        self._export("JSON (*.json)", "_cobb.json", "angles")
-
-    def _export(self, fileFilter, suffix, kind) -> None:
-        from VertebralLabelingLib.errors import VertebralLabelingError
-
-        params = self._parameterNode
-        node = params.outputMarkups
-        baseName = params.inputVolume.GetName() if params.inputVolume else node.GetName()
-        default = os.path.join(qt.QDir.homePath(), baseName + suffix)
-        path = qt.QFileDialog.getSaveFileName(self.parent, "Export", default, fileFilter)
-        if not path:
-            return
-        try:
-            self.logic.export(node, path, kind, params.inputVolume)
-            self.ui.statusLabel.text = f"Saved {path}"
-        except (VertebralLabelingError, OSError) as error:
-            slicer.util.errorDisplay(f"Could not save {path}: {error}", windowTitle="Cobb Angle")
-
 
 #
 # CobbAngleLogic
 #
-class CobbAngleLogic(ScriptedLoadableModuleLogic):
+class CobbAngleLogic(SpineModuleLogic):
     """Radiograph node in, 68-point list and Cobb lines out (usable from scripts).
 
     ``labelerFactory(modelName)`` returns an object with ``label(radiograph, progress)`` giving
@@ -330,44 +182,24 @@ class CobbAngleLogic(ScriptedLoadableModuleLogic):
     inject a fake one.
     """
 
-    def __init__(self, labelerFactory=None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.labelerFactory = labelerFactory
-        self.modelName = "xray-compact"
-        self._labelers = {}
-        self.lastResult = None
-        self.live = None
+    parameterNodeClass = CobbAngleParameterNode
+    defaultModelName = "xray-compact"
 
-    def getParameterNode(self):
-        return CobbAngleParameterNode(super().getParameterNode())
+    def __init__(self, labelerFactory=None) -> None:
+        SpineModuleLogic.__init__(self, labelerFactory)
+        self.live = None
 
     @property
     def lastCobb(self):
         return self.live.last if self.live is not None else None
 
-    def ensureRuntime(self, confirm, busy=None) -> bool:
-        """Install ONNX Runtime on first use (never at import), if ``confirm(requirements)`` agrees.
+    def loadLabeler(self, modelName):
+        from VertebralLabelingLib.xray_label import XrayLabeler
 
-        The list is the extension's Resources/requirements.txt (onnxruntime only: the bundled
-        models are .onnx files, TensorFlow is never installed into Slicer); Slicer's numpy stays
-        pinned (see ``VertebralLabelingSlicerLib.dependencies``).  An injected labeler needs nothing.
-        """
-        if self.labelerFactory is not None:
-            return True
-        from VertebralLabelingSlicerLib.dependencies import ensure_runtime
+        return XrayLabeler.load(modelName)
 
-        return ensure_runtime(confirm, slicer.app.temporaryPath, slicer.util.pip_install, tag="CobbAngle",
-                              busy=busy)
-
-    def labeler(self):
-        if self.modelName not in self._labelers:
-            factory = self.labelerFactory
-            if factory is None:
-                from VertebralLabelingLib.xray_label import XrayLabeler
-
-                factory = XrayLabeler.load
-            self._labelers[self.modelName] = factory(self.modelName)
-        return self._labelers[self.modelName]
+    def releaseScene(self) -> None:
+        self.stopLive()
 
     def process(self, volumeNode, markupsNode=None, progress=None, overwriteEdits=False):
         """Label ``volumeNode``; write the 68 corners into ``markupsNode`` (or a new list).
@@ -377,15 +209,11 @@ class CobbAngleLogic(ScriptedLoadableModuleLogic):
         """
         from VertebralLabelingSlicerLib import xray_adapter
 
-        if markupsNode is not None and not overwriteEdits and xray_adapter.node_has_user_edits(markupsNode):
-            raise xray_adapter.UserEditsWouldBeLost(
-                f'The corners in "{markupsNode.GetName()}" were edited by hand; labeling again '
-                "would replace them.")
+        self.refuseToOverwriteEdits(
+            markupsNode, overwriteEdits, xray_adapter.node_has_user_edits,
+            'The corners in "{name}" were edited by hand; labeling again would replace them.')
         radiograph = xray_adapter.radiograph_from_node(volumeNode)
-        result = self.labeler().label(radiograph, progress=progress)
-        self.lastResult = result
-        for warning in result.warnings:
-            logging.warning(warning)
+        result = self.label(radiograph, progress=progress)
         self.stopLive()
         return xray_adapter.update_landmarks_node(volumeNode.GetScene(), result.points, result.confidence,
                                                   volumeNode, markupsNode, overwrite_edits=overwriteEdits,
@@ -442,33 +270,17 @@ class CobbAngleLogic(ScriptedLoadableModuleLogic):
 #
 # CobbAngleTest
 #
-class CobbAngleTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Reload and Test, or ctest)."""
+class CobbAngleTest(SpineModuleTest):
+    """Runs inside Slicer (Reload and Test, or ctest) and in pytest; ``runTest`` (the base's)
+    skips the bundled-model test without ONNX Runtime."""
 
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        """The fake-model test always runs; the bundled-model test needs ONNX Runtime, which the
-        module installs on first Apply: without it that test is skipped with a message, not
-        failed (a fresh Slicer with nothing installed passes)."""
-        from VertebralLabelingSlicerLib.dependencies import missing_requirements
-
-        self.setUp()
-        self.test_LiveUpdateWithFakeModel()
-        missing = missing_requirements()
-        if missing:
-            message = (f"Skipped the bundled-model test: {', '.join(missing)} not installed "
-                       "(press Apply once to install it).")
-            logging.warning(message)
-            self.delayDisplay(message)
-            return
-        self.setUp()
-        self.test_BundledModelRuns()
+    fakeModelTests = ("test_LiveUpdateWithFakeModel",)
+    bundledModelTests = ("test_BundledModelRuns",)
 
     def test_BundledModelRuns(self):
         """The bundled .onnx model loads on ONNX Runtime and gives its two heads at 1/4 size."""
         import numpy as np
+
         from VertebralLabelingLib.xray_label import XrayLabeler
 
         self.delayDisplay("Running the bundled X-ray model")
@@ -483,6 +295,7 @@ class CobbAngleTest(ScriptedLoadableModuleTest):
     def test_LiveUpdateWithFakeModel(self):
         """A fake labeler gives a straight spine (0 deg); tilting one vertebra updates the angles."""
         import numpy as np
+
         from VertebralLabelingLib.xray_data import Radiograph
         from VertebralLabelingLib.xray_label import XrayResult, cobb_from_physical
         from VertebralLabelingSlicerLib import xray_adapter

@@ -240,10 +240,8 @@ def test_symlink_loop_in_bids_lists_each_image_once(tmp_path, phantom):
     os.symlink("..", anat / "loop")  # sub-01/anat/loop -> sub-01
     os.symlink(tmp_path / "bids", tmp_path / "bids" / "sub-01" / "root")  # back to the top
     os.symlink("self", anat / "self")  # a link to itself
-    start = time.monotonic()
-    items = find_items(tmp_path / "bids")
+    items = find_items(tmp_path / "bids")  # following a loop would recurse until ELOOP/RecursionError
     assert [item.key for item in items] == ["sub-01_T2w"]
-    assert time.monotonic() - start < 5
 
 
 # -- 3. options and outputs ------------------------------------------------------------------
@@ -472,11 +470,11 @@ def test_import_and_report_reject_bad_corrections_per_subject(tmp_path, phantom)
 # -- 5. the QC server ------------------------------------------------------------------------
 @pytest.fixture()
 def qc_server(tmp_path):
-    from VertebralLabelingLib.qc_report import PAGE, make_server
+    from VertebralLabelingLib.qc_report import make_server, page_template
 
     deriv = tmp_path / "deriv"
     (deriv / "qc").mkdir(parents=True)
-    (deriv / "qc" / "index.html").write_text(PAGE)
+    (deriv / "qc" / "index.html").write_text(page_template().substitute(title="QC", data="{}"))
     (deriv / "qc" / "qc.json").write_text('{"marks": {"a": {"status": "fail"}}}\n')
     server = make_server(deriv, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -6,18 +6,17 @@ training set (SpineWeb dataset 16) check that we reproduce the organisers'
 """
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
-from VertebralLabelingLib.cobb import CORNER_NAMES, VERTEBRA_NAMES, cobb_angles  # noqa: E402
+from conftest import require_path
+from VertebralLabelingLib.cobb import CORNER_NAMES, VERTEBRA_NAMES, cobb_angles
+from VertebralLabelingLib.dataset import data_root
 
-DATA = Path(os.environ.get("VERTEBRAL_LABELING_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-AASCE = DATA / "xray-aasce"
+#: Largest |ours - angles.csv| measured over the 481 x 3 AASCE angles was 0.014 deg (rounding in
+#: the organisers' file); a real change of the method moves some angle by far more.
+AASCE_TOLERANCE_DEG = 0.05
 
 
 def synthetic_spine(tilts_deg=None, width=40.0, height=30.0, pitch=40.0):
@@ -69,13 +68,13 @@ def test_nan_raises():
         cobb_angles(pts)
 
 
+@pytest.mark.realdata
 def test_matches_aasce_ground_truth():
-    if not (AASCE / "labels" / "landmarks.csv").is_file():
-        msg = f"AASCE data not found under {AASCE} (set VERTEBRAL_LABELING_DATA)"
-        pytest.fail(msg) if os.environ.get("CI") == "true" else pytest.skip(msg)
+    aasce = data_root() / "xray-aasce"
+    require_path(aasce / "labels" / "landmarks.csv")
     from PIL import Image
 
-    labels = AASCE / "labels"
+    labels = aasce / "labels"
     landmarks = np.loadtxt(labels / "landmarks.csv", delimiter=",")
     truth = np.loadtxt(labels / "angles.csv", delimiter=",")
     names = (labels / "filenames.csv").read_text().splitlines()
@@ -83,7 +82,7 @@ def test_matches_aasce_ground_truth():
 
     ours = []
     for row, name in zip(landmarks, names):
-        with Image.open(AASCE / "images" / name) as im:  # header only, no decode
+        with Image.open(aasce / "images" / name) as im:  # header only, no decode
             w, h = im.size
         xy = np.stack([row[:68] * w, row[68:] * h], axis=1)  # normalised -> pixels
         ours.append(cobb_angles(xy, image_height=h).angles_deg)
@@ -94,4 +93,4 @@ def test_matches_aasce_ground_truth():
     for k, col in enumerate(("col1 (main/'PT')", "col2 ('MT')", "col3 ('TL/L')")):
         d = diff[:, k]
         print(f"  {col}: median {np.median(d):.4f}, p90 {np.percentile(d, 90):.4f}, max {d.max():.4f}")
-    assert np.median(diff) <= 0.5
+    assert diff.max() <= AASCE_TOLERANCE_DEG

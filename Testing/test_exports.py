@@ -1,8 +1,8 @@
 """Export formats: markups JSON (LPS), CSV and disc-label NIfTI in the input's own grid."""
 
 import numpy as np
-import SimpleITK as sitk
 import pytest
+import SimpleITK as sitk
 
 from VertebralLabelingLib import export
 from VertebralLabelingLib.labeling import DiscPoint

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from VertebralLabelingLib.midsagittal import estimate_midline, extract_midsagittal, Midline
+from VertebralLabelingLib.midsagittal import Midline, estimate_midline, extract_midsagittal
 from VertebralLabelingLib.phantom import make_phantom
 from VertebralLabelingLib.volume import Volume, load_volume
 

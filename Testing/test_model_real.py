@@ -25,6 +25,7 @@ def loso_metrics(mri_bids):
     return evaluate(mri_bids, model=folds["sub-errsm18"], model_for_subject=folds, log=print)
 
 
+@pytest.mark.slow
 def test_leave_one_subject_out_accuracy(loso_metrics):
     m = loso_metrics
     print({k: m[k] for k in ("n_discs", "mean_error_mm", "mean_error_sagittal_mm", "identification_rate")})
@@ -33,6 +34,7 @@ def test_leave_one_subject_out_accuracy(loso_metrics):
     assert m["identification_rate"] >= 0.95
 
 
+@pytest.mark.slow
 def test_shipped_model_on_training_subjects(mri_bids, labeler):
     m = evaluate(mri_bids, model="compact", log=print)
     assert m["mean_error_sagittal_mm"] <= 3.0

@@ -9,18 +9,19 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import require_module
 
 slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
 vtk = require_module("vtk")
 
+from slicer_markups_files import json_storage, read_with_slicer  # noqa: E402
 from VertebralLabelingLib import DISC_NAMES, export  # noqa: E402
 from VertebralLabelingLib.errors import InputError, VertebralLabelingError  # noqa: E402
 from VertebralLabelingLib.labeling import DiscPoint  # noqa: E402
 from VertebralLabelingLib.volume import Volume  # noqa: E402
 from VertebralLabelingSlicerLib import mrml_adapter  # noqa: E402
 from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost  # noqa: E402
-from slicer_markups_files import json_storage, read_with_slicer  # noqa: E402
 
 SCHEMA = __import__("pathlib").Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
 
@@ -259,64 +260,14 @@ def test_exports_from_corrected_node_contain_the_correction(scene, volume_node, 
     assert row[0] == "C4-C5" and [float(v) for v in row[2:5]] == [2.0, -25.0, 5.0]
 
 
-# A tiny draft-07 validator for the keywords the markups schema uses, so the schema check also
-# runs where jsonschema is not installed.  Unknown keywords fail loudly instead of being skipped.
-_ANNOTATIONS = {"$id", "$schema", "title", "description", "default", "examples"}
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "number": (int, float),
-          "integer": int}
-
-
-def _validate(value, schema, where="$"):
-    unknown = set(schema) - _ANNOTATIONS - {
-        "type", "enum", "required", "properties", "additionalProperties", "items",
-        "additionalItems", "anyOf", "minItems", "maxItems", "minimum", "maximum"}
-    assert not unknown, f"validator does not know {unknown} at {where}"
-    if "type" in schema:
-        ok = isinstance(value, _TYPES[schema["type"]])
-        if schema["type"] in ("number", "integer") and isinstance(value, bool):
-            ok = False
-        assert ok, f"{where}: {value!r} is not {schema['type']}"
-    if "enum" in schema:
-        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
-    if "anyOf" in schema:
-        errors = []
-        for option in schema["anyOf"]:
-            try:
-                _validate(value, option, where)
-                break
-            except AssertionError as error:
-                errors.append(str(error))
-        else:
-            raise AssertionError(f"{where}: matches no anyOf option: {errors}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            assert key in value, f"{where}: missing {key}"
-        assert schema.get("additionalProperties", True) is True
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                _validate(value[key], sub, f"{where}.{key}")
-    if isinstance(value, list):
-        assert len(value) >= schema.get("minItems", 0), f"{where}: too few items"
-        assert len(value) <= schema.get("maxItems", len(value)), f"{where}: too many items"
-        if isinstance(schema.get("items"), dict):  # additionalItems only applies to tuple form
-            for index, item in enumerate(value):
-                _validate(item, schema["items"], f"{where}[{index}]")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        assert value >= schema.get("minimum", value) and value <= schema.get("maximum", value), \
-            f"{where}: {value} out of range"
-
-
 def validate_markups(document):
+    """Slicer's official markups schema (draft-07), checked by jsonschema (a test extra)."""
+    jsonschema = require_module("jsonschema", "test extra")
     schema = json.loads(SCHEMA.read_text())
     try:
-        import jsonschema
-    except ImportError:
-        _validate(document, schema)
-    else:
-        try:
-            jsonschema.Draft7Validator(schema).validate(document)
-        except jsonschema.ValidationError as error:
-            raise AssertionError(str(error)) from error
+        jsonschema.Draft7Validator(schema).validate(document)
+    except jsonschema.ValidationError as error:
+        raise AssertionError(str(error)) from error
 
 
 def test_core_markups_file_matches_the_official_schema(tmp_path):

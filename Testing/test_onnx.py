@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +97,8 @@ def _kind(meta_path):
     return "xray" if json.loads(meta_path.read_text()).get("task") == "xray-vertebral-corners" else "mri"
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.parametrize("meta_path", WITH_KERAS, ids=_ids(WITH_KERAS))
 def test_onnx_runtime_equals_keras_on_real_inputs(meta_path):
     onnx, keras = _pairs(_kind(meta_path), meta_path)
@@ -131,6 +132,7 @@ def test_onnx_runtime_equals_keras_on_real_inputs(meta_path):
     assert worst <= TOLERANCE
 
 
+@pytest.mark.realdata
 def test_loso_folds_onnx_label_the_subjects_like_the_default_model_expects():
     """The fold models ship as .onnx only (size): each labels a real subject with six discs."""
     from VertebralLabelingLib.labeling import DiscLabeler
@@ -240,6 +242,7 @@ def _run_without_tensorflow(tmp_path, args, blocked=("tensorflow", "keras", "tf2
                           text=True, timeout=300)
 
 
+@pytest.mark.realdata
 def test_the_blocker_really_blocks_tensorflow(tmp_path):
     """The same call with a .keras model must fail: proof that the blocker works, and that a
     missing TensorFlow is one clear error line."""
@@ -249,6 +252,7 @@ def test_the_blocker_really_blocks_tensorflow(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "blocked by the test" in proc.stderr
 
 
+@pytest.mark.realdata
 def test_label_runs_without_tensorflow(tmp_path):
     image = require_path(data_root() / "mri" / "bids" / "sub-errsm18" / "anat" / "sub-errsm18_T2w.nii.gz")
     proc = _run_without_tensorflow(tmp_path, ["label", image, "-o", tmp_path / "o.mrk.json",
@@ -257,6 +261,7 @@ def test_label_runs_without_tensorflow(tmp_path):
     assert "C7-T1" in proc.stdout and (tmp_path / "o.mrk.json").exists() and (tmp_path / "qc.png").exists()
 
 
+@pytest.mark.realdata
 def test_batch_and_xray_label_run_without_tensorflow(tmp_path):
     bids = tmp_path / "bids"
     src = require_path(data_root() / "mri" / "bids" / "sub-errsm20" / "anat" / "sub-errsm20_T2w.nii.gz")
@@ -273,6 +278,7 @@ def test_batch_and_xray_label_run_without_tensorflow(tmp_path):
     assert (tmp_path / "x.mrk.json").exists()
 
 
+@pytest.mark.realdata
 def test_without_onnxruntime_label_says_what_to_install(tmp_path):
     image = require_path(data_root() / "mri" / "bids" / "sub-errsm18" / "anat" / "sub-errsm18_T2w.nii.gz")
     proc = _run_without_tensorflow(tmp_path, ["label", image, "-o", tmp_path / "o.mrk.json"],

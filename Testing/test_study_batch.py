@@ -18,8 +18,7 @@ from VertebralLabelingLib import DISC_NAMES
 from VertebralLabelingLib.dataset import read_disc_labels
 from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.export import read_markups_json
-from VertebralLabelingLib.study import (TABLE_COLUMNS, find_items, parse_shard, read_json,
-                                        shard_from_env)
+from VertebralLabelingLib.study import TABLE_COLUMNS, find_items, parse_shard, read_json, shard_from_env
 
 
 def anat(deriv, sub):

@@ -11,8 +11,12 @@ import pytest
 
 from study_common import SUBJECTS, batch, person_correction, run_cli
 from VertebralLabelingLib import DISC_NAME_BY_VALUE
-from VertebralLabelingLib.corrections import (corrected_path, discs_from_markups, is_human_corrected,
-                                              label_is_human, save_corrected)
+from VertebralLabelingLib.corrections import (
+    corrected_path,
+    is_human_corrected,
+    label_is_human,
+    save_corrected,
+)
 from VertebralLabelingLib.dataset import load_bids_subjects, read_disc_labels
 from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.labeling import DiscPoint
@@ -29,6 +33,7 @@ def truth(mri_bids, sub):
                             f"{sub}_T2w_label-discs_dlabel.nii.gz")
 
 
+@pytest.mark.slow
 def test_label_correct_import_retrain_label_again(tmp_path, mri_bids):
     deriv = tmp_path / "derivatives" / "vertebral-labeling"
     assert batch(mri_bids, deriv) == 0

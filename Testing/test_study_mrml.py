@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import require_module
 
 slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
@@ -92,50 +93,10 @@ def test_missing_outputs_are_user_errors(deriv, tmp_path):
     assert SUBJECTS[3] in item.key
 
 
-# -- the module's Logic (VertebralLabeling.py), imported with stand-ins for Slicer's GUI modules --
+# -- the module's Logic (VertebralLabeling.py), loaded headless by conftest's slicer_module ------
 @pytest.fixture
-def module(monkeypatch):
-    """VertebralLabeling.py imported headless: qt/ctk and Slicer's scripted-module base classes
-    are replaced by stand-ins; MRML is the real slicer-core scene."""
-    import importlib.util
-    import sys
-    import types
-    import unittest
-
-    from conftest import REPO
-
-    base = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            pass
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=None):
-            pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget,
-                ScriptedLoadableModuleTest):
-        setattr(base, cls.__name__, cls)
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    for name, stub in (("qt", types.ModuleType("qt")), ("ctk", types.ModuleType("ctk")),
-                       ("slicer.ScriptedLoadableModule", base), ("slicer.parameterNodeWrapper", wrapper)):
-        monkeypatch.setitem(sys.modules, name, stub)
-    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
-    spec = importlib.util.spec_from_file_location(
-        "VertebralLabelingModuleUnderTest", REPO / "VertebralLabeling" / "VertebralLabeling.py")
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
+def module(slicer_module):
+    return slicer_module("VertebralLabeling")
 
 
 def test_module_logic_steps_through_a_study(module, deriv):
@@ -157,13 +118,3 @@ def test_module_logic_steps_through_a_study(module, deriv):
     _, node, source = logic.loadStudyItem(1)
     assert source == "corrected"
     np.testing.assert_allclose(world(node, 1), [1.0, 2.0, 3.0], atol=1e-6)
-
-
-def test_module_self_test_study_review(module):
-    """The module's own Slicer self-test for the study panel, run headless (needs the shipped model)."""
-    from conftest import require_path
-    from VertebralLabelingLib.models import models_dir
-
-    require_path(models_dir() / "compact.keras")
-    result = module.VertebralLabelingTest("test_StudyReview").run()
-    assert result.wasSuccessful(), result.errors + result.failures

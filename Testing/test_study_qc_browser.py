@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module, require_path
 from study_common import SUBJECTS, batch, run_cli
+
+pytestmark = pytest.mark.slow  # a real browser, and a batch over the shared subjects
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -25,16 +28,10 @@ KEYS = [f"{s}_T2w" for s in SUBJECTS]
 
 
 def _need_browser():
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("python package selenium")
-    if missing:
-        message = f"browser test needs {', '.join(missing)} (scripts/test.sh installs them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    """Chromium, chromedriver and selenium, or skip (fail in CI): scripts/test.sh installs them."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        require_path(path, "the QC-page browser test; scripts/test.sh installs it")
+    require_module("selenium", "the QC-page browser test")
 
 
 @pytest.fixture(scope="module")

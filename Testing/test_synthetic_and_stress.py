@@ -13,7 +13,7 @@ from VertebralLabelingLib.dataset import read_disc_labels
 from VertebralLabelingLib.evaluate import _summary, is_wrong
 from VertebralLabelingLib.labeling import DiscPoint, LevelCount, check_level_by_count, count_from_c2
 from VertebralLabelingLib.midsagittal import SagittalSlice
-from VertebralLabelingLib.stress import make_variant, write_stress_dataset
+from VertebralLabelingLib.stress import make_variant
 
 
 # -- generator ---------------------------------------------------------------------------------
@@ -205,6 +205,7 @@ def test_thick_slices_resample_left_right(mri_bids):
     assert sorted(thick.GetSpacing())[:2] == pytest.approx(sorted(image.GetSpacing())[:2])
 
 
+@pytest.mark.slow
 def test_stress_command_writes_an_evaluable_dataset(mri_bids, tmp_path):
     from VertebralLabelingLib.cli import main
     from VertebralLabelingLib.dataset import find_bids_pairs

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from VertebralLabelingLib.cli import main
 from VertebralLabelingLib.labeling import DiscLabeler
 from VertebralLabelingLib.phantom import make_phantom
 
 
+@pytest.mark.slow
 def test_train_a_few_steps(tmp_path, mri_bids, pam50_dir):
     code = main(["train", "--bids", str(mri_bids), "--pam50", str(pam50_dir), "--out", str(tmp_path),
                  "--steps", "2", "--batch-size", "2", "--phantoms", "1", "--name", "tiny",

@@ -268,7 +268,7 @@ def test_cli_cobb_reproduces_angles_csv(aasce, tmp_path, capsys):
           f"{data['median_abs_diff_deg']:.4f}, p90 {data['p90_abs_diff_deg']:.4f}, "
           f"max {data['max_abs_diff_deg']:.4f} deg")
     assert data["n_images"] == 481
-    assert data["median_abs_diff_deg"] <= 0.5 and data["max_abs_diff_deg"] < 0.1
+    assert data["max_abs_diff_deg"] <= 0.05  # measured 0.014 (see test_cobb.AASCE_TOLERANCE_DEG)
     assert all(len(r["end_vertebrae"]) == 3 for r in data["images"])
 
 

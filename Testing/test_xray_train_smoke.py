@@ -5,6 +5,7 @@ labeler loads and runs."""
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from VertebralLabelingLib import cli
@@ -36,6 +37,7 @@ def synthetic_aasce(root, n=6, seed=0):
     return names
 
 
+@pytest.mark.slow
 def test_train_command_makes_a_loadable_model(tmp_path, capsys):
     names = synthetic_aasce(tmp_path / "aasce")
     out = tmp_path / "models"

@@ -3,32 +3,34 @@
 The Slicer module is a thin GUI.  The labeling itself is ``VertebralLabelingLib`` (no Slicer
 code, shared with the command line) and every MRML conversion is in
 ``VertebralLabelingSlicerLib.mrml_adapter``.  Both are imported lazily, inside methods, so that
-Slicer can list the module (and show its help) even before ONNX Runtime is installed.
+Slicer can list the module (and show its help) even before ONNX Runtime is installed.  What this
+module does like CobbAngle (parameter node, Apply, edit guard, export, self-test runner) is
+``VertebralLabelingSlicerLib.module_base``; this file is what is special to disc labeling.
 """
 
-import logging
 import os
 import sys
 
-import ctk
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
 
 # Slicer puts scripted module folders on sys.path; make sure ours is there too when the file is
 # loaded some other way (module reload, tests), so the bundled packages import.
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
+
+# What both modules do alike (parameter node, Apply, edit guard, export, self-test runner).
+# Imported after the sys.path set-up above; it imports only Slicer packages at its top.
+from VertebralLabelingSlicerLib.module_base import (  # noqa: E402
+    SpineModule,
+    SpineModuleLogic,
+    SpineModuleTest,
+    SpineModuleWidget,
+    setupTable,
+)
 
 SLICE_MODE_AUTOMATIC, SLICE_MODE_YELLOW = 0, 1
 RESULT_COLUMNS = ("Disc", "Confidence", "Review")
@@ -37,15 +39,12 @@ RESULT_COLUMNS = ("Disc", "Confidence", "Review")
 #
 # VertebralLabeling
 #
-class VertebralLabeling(ScriptedLoadableModule):
+class VertebralLabeling(SpineModule):
     """Module description shown in Slicer's module list and help panel."""
 
     def __init__(self, parent):
-        ScriptedLoadableModule.__init__(self, parent)
+        SpineModule.__init__(self, parent)
         self.parent.title = "Vertebral Labeling"
-        self.parent.categories = ["Spine"]
-        self.parent.dependencies = ["Markups"]
-        self.parent.contributors = ["VertebralLabeling contributors"]
         self.parent.helpText = """
 Places one labeled point on each cervical intervertebral disc (C2-C3 to C7-T1, posterior tip of
 the disc on the midsagittal plane) of a T2-weighted MRI volume.<br>
@@ -62,9 +61,9 @@ win afterwards (study table, <code>import-corrections</code>, retraining).
         self.parent.acknowledgementText = """
 The optional <i>romero2018</i> model reproduces the per-disc convolutional regressor design of
 Romero F.P., David J.-P., Cohen-Adad J., "Vertebral labeling on MRI using deep learning
-techniques", NeuroInformatics 2018, Montreal (doi:10.13140/RG.2.2.33723.92962); the default <i>compact</i> model is a heatmap network that shares one
-backbone between the six discs.  Disc values follow the Spinal Cord Toolbox / spine-generic
-convention (3 = C2-C3 ... 8 = C7-T1).
+techniques", NeuroInformatics 2018, Montreal (doi:10.13140/RG.2.2.33723.92962); the default
+<i>compact</i> model is a heatmap network that shares one backbone between the six discs.  Disc
+values follow the Spinal Cord Toolbox / spine-generic convention (3 = C2-C3 ... 8 = C7-T1).
 """
 
 
@@ -91,103 +90,38 @@ class VertebralLabelingParameterNode:
 #
 # VertebralLabelingWidget
 #
-class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: pick a volume, Apply, review the table, export."""
+class VertebralLabelingWidget(SpineModuleWidget):
+    """The panel: pick a volume, Apply, review the table, export; the study review panel."""
+
+    windowTitle = "Vertebral Labeling"
+    applyToolTip = "Label the discs"
+    exports = {"exportJsonButton": ("Markups JSON (*.mrk.json)", ".mrk.json", "json"),
+               "exportCsvButton": ("CSV (*.csv)", ".csv", "csv"),
+               "exportNiftiButton": ("Disc labels NIfTI (*.nii.gz)", "_labels-disc.nii.gz", "nifti")}
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)  # needed for parameter node observation
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        SpineModuleWidget.__init__(self, parent)
         self._tableDiscNames = []  # disc name of each results-table row
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
+    def createLogic(self):
+        return VertebralLabelingLogic()
 
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VertebralLabeling.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = VertebralLabelingLogic()
-
-        self.ui.resultsTable.setColumnCount(len(RESULT_COLUMNS))
-        self.ui.resultsTable.setHorizontalHeaderLabels(list(RESULT_COLUMNS))
-        self.ui.resultsTable.horizontalHeader().setStretchLastSection(True)
-        self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+    def setupPanel(self) -> None:
+        setupTable(self.ui.resultsTable, RESULT_COLUMNS)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
-        self.ui.progressBar.setVisible(False)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.ui.sliceModeComboBox.connect("currentIndexChanged(int)", self.onSliceModeChanged)
-        self.ui.outputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.resultsTable.connect("cellClicked(int,int)", self.onResultClicked)
-        self.ui.exportJsonButton.connect("clicked(bool)", self.onExportJson)
-        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
-        self.ui.exportNiftiButton.connect("clicked(bool)", self.onExportNifti)
         self.ui.studyDirectoryButton.connect("directoryChanged(QString)", self.onStudyDirectory)
         self.ui.studySubjectComboBox.connect("currentIndexChanged(int)", self.onStudySubject)
         self.ui.studyPreviousButton.connect("clicked(bool)", self.onStudyPrevious)
         self.ui.studyNextButton.connect("clicked(bool)", self.onStudyNext)
         self.ui.studySaveButton.connect("clicked(bool)", self.onStudySave)
 
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        """Connect the selectors (SlicerParameterName in the .ui) to the parameter node."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-            self._updateState()
-
-    def _updateState(self, caller=None, event=None) -> None:
-        """Slice-mode combo and button states follow the parameter node."""
-        if not self._parameterNode:
-            return
+    def updatePanel(self, hasInput, hasPoints) -> None:
+        """Slice-mode combo follows the parameter node; the NIfTI export needs the volume too."""
         mode = SLICE_MODE_YELLOW if self._parameterNode.useCurrentSlice else SLICE_MODE_AUTOMATIC
         if self.ui.sliceModeComboBox.currentIndex != mode:
             self.ui.sliceModeComboBox.currentIndex = mode
-        hasInput = bool(self._parameterNode.inputVolume)
-        self.ui.applyButton.enabled = hasInput
-        self.ui.applyButton.toolTip = "Label the discs" if hasInput else "Select an input volume"
-        hasPoints = bool(self._parameterNode.outputMarkups
-                         and self._parameterNode.outputMarkups.GetNumberOfControlPoints())
-        for button in (self.ui.exportJsonButton, self.ui.exportCsvButton, self.ui.exportNiftiButton):
-            button.enabled = hasPoints
         self.ui.exportNiftiButton.enabled = hasPoints and hasInput
 
     def onSliceModeChanged(self, index) -> None:
@@ -200,70 +134,9 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.updateResultsTable(node)
 
     # -- labeling ------------------------------------------------------------------------------
-    def onApplyButton(self) -> None:
-        """Label the discs; asks before replacing edited points, shows errors without traceback."""
-        from VertebralLabelingLib.errors import VertebralLabelingError
-        from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost
-
-        try:
-            if not self.logic.ensureRuntime(self.askInstallRuntime, busy=self.installing):
-                self.ui.statusLabel.text = "ONNX Runtime is not installed: nothing was labeled."
-                return
-        except Exception as error:  # pip failed (offline, no wheel for this Python, ...)
-            logging.exception("Installing ONNX Runtime failed")
-            slicer.util.errorDisplay(f"Installing ONNX Runtime failed: {error}\n"
-                                     "See the Python console for pip's output.", windowTitle="Vertebral Labeling")
-            return
-        params = self._parameterNode
-        self.ui.applyButton.enabled = False
-        self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.value = 0
-        try:
-            sliceR = self.yellowSliceR() if params.useCurrentSlice else None
-            self.logic.modelName = params.modelName or "compact"
-            try:
-                node = self.logic.process(params.inputVolume, params.outputMarkups, sliceR,
-                                          progress=self.onProgress)
-            except UserEditsWouldBeLost as edited:
-                if slicer.util.confirmYesNoDisplay(
-                        f"{edited}\n\nReplace your edited points?\n"
-                        "(No: the new result goes into a new point list.)",
-                        windowTitle="Vertebral Labeling"):
-                    node = self.logic.process(params.inputVolume, params.outputMarkups, sliceR,
-                                              progress=self.onProgress, overwriteEdits=True)
-                else:
-                    node = self.logic.process(params.inputVolume, None, sliceR,
-                                              progress=self.onProgress)
-            params.outputMarkups = node
-            self.updateResultsTable(node)
-            self.showResult(params.inputVolume, node)
-            self.ui.statusLabel.text = self.logic.summary()
-        except VertebralLabelingError as error:
-            self.ui.statusLabel.text = "Failed: " + str(error)
-            slicer.util.errorDisplay(str(error), windowTitle="Vertebral Labeling")
-        except Exception as error:  # a bug: keep the details in the log / details box
-            logging.exception("Vertebral labeling failed")
-            slicer.util.errorDisplay(f"Labeling failed unexpectedly: {error}",
-                                     windowTitle="Vertebral Labeling")
-        finally:
-            self.ui.progressBar.setVisible(False)
-            self._updateState()
-
-    def askInstallRuntime(self, requirements) -> bool:
-        return slicer.util.confirmOkCancelDisplay(
-            "Vertebral Labeling runs its model on ONNX Runtime, which is not installed in Slicer's Python yet.\n\n"
-            f"Install {', '.join(requirements)} now? (one download of about 80 MB)", windowTitle="Vertebral Labeling")
-
-    def installing(self, message):
-        """Shown while pip runs: a status line and a wait cursor (the download takes a while)."""
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()
-        return slicer.util.WaitCursor()
-
-    def onProgress(self, fraction, message) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()
+    def processArguments(self, params) -> dict:
+        """The midsagittal plane: the Yellow slice's R, or None to search for it."""
+        return {"sliceR": self.yellowSliceR() if params.useCurrentSlice else None}
 
     def yellowSliceR(self) -> float:
         """R (mm) of the Yellow slice; the core labels the sagittal plane at this R."""
@@ -281,7 +154,8 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         return float(sliceToRAS.GetElement(0, 3))
 
     def showResult(self, volumeNode, markupsNode) -> None:
-        """Show the volume and centre every slice view on the middle disc."""
+        """Fill the table, show the volume and centre every slice view on the middle disc."""
+        self.updateResultsTable(markupsNode)
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
         count = markupsNode.GetNumberOfControlPoints()
         if count:
@@ -319,34 +193,6 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         index = node.GetControlPointIndexByLabel(self._tableDiscNames[row])
         if index >= 0:
             slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
-
-    # -- exports -------------------------------------------------------------------------------
-    def onExportJson(self) -> None:
-        self._export("Markups JSON (*.mrk.json)", ".mrk.json", "json")
-
-    def onExportCsv(self) -> None:
-        self._export("CSV (*.csv)", ".csv", "csv")
-
-    def onExportNifti(self) -> None:
-        self._export("Disc labels NIfTI (*.nii.gz)", "_labels-disc.nii.gz", "nifti")
-
-    def _export(self, fileFilter, suffix, kind) -> None:
-        """Write the points as they are now (with the user's corrections) with the core writers."""
-        from VertebralLabelingLib.errors import VertebralLabelingError
-
-        params = self._parameterNode
-        node = params.outputMarkups
-        baseName = params.inputVolume.GetName() if params.inputVolume else node.GetName()
-        default = os.path.join(qt.QDir.homePath(), baseName + suffix)
-        path = qt.QFileDialog.getSaveFileName(self.parent, "Export discs", default, fileFilter)
-        if not path:
-            return
-        try:
-            self.logic.export(node, path, kind, params.inputVolume)
-            self.ui.statusLabel.text = f"Saved {path}"
-        except (VertebralLabelingError, OSError) as error:
-            slicer.util.errorDisplay(f"Could not save {path}: {error}",
-                                     windowTitle="Vertebral Labeling")
 
     # -- study review (a BIDS derivative written by `vertebral-labeling batch`) ---------------
     def onStudyDirectory(self, path) -> None:
@@ -404,7 +250,6 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._parameterNode.inputVolume = volumeNode
         self._parameterNode.outputMarkups = markupsNode
-        self.updateResultsTable(markupsNode)
         self.showResult(volumeNode, markupsNode)
         self.ui.studyStatusLabel.text = self.logic.studyItemText()
         if self.ui.studySubjectComboBox.currentIndex != index:
@@ -418,7 +263,7 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             path = self.logic.saveStudyCorrection()
         except (VertebralLabelingError, OSError) as error:
             slicer.util.errorDisplay(f"Could not save the correction: {error}",
-                                     windowTitle="Vertebral Labeling")
+                                     windowTitle=self.windowTitle)
             return
         self.ui.studyStatusLabel.text = f"Saved {path}"
 
@@ -446,51 +291,27 @@ class VertebralLabelingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 #
 # VertebralLabelingLogic
 #
-class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
+class VertebralLabelingLogic(SpineModuleLogic):
     """Labeling without the GUI: volume node in, point list out (usable from scripts).
 
     ``labelerFactory(modelName)`` returns an object with ``label(volume, slice_r_mm, progress)``;
     the default loads a bundled model with ``DiscLabeler.load``.  Tests inject a fake one.
     """
 
+    parameterNodeClass = VertebralLabelingParameterNode
+    defaultModelName = "compact"
+
     def __init__(self, labelerFactory=None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.labelerFactory = labelerFactory
-        self.modelName = "compact"
-        self._labelers = {}
-        self.lastResult = None
+        SpineModuleLogic.__init__(self, labelerFactory)
         self.studyDir = None
         self.studyEntries = []
         self.studyIndex = -1
         self._studyNodes = []
 
-    def getParameterNode(self):
-        return VertebralLabelingParameterNode(super().getParameterNode())
+    def loadLabeler(self, modelName):
+        from VertebralLabelingLib.labeling import DiscLabeler
 
-    def ensureRuntime(self, confirm, busy=None) -> bool:
-        """Install ONNX Runtime on first use (never at import), if ``confirm(requirements)`` agrees.
-
-        The list is the extension's Resources/requirements.txt (onnxruntime only: the bundled
-        models are .onnx files, TensorFlow is never installed into Slicer); Slicer's numpy stays
-        pinned (see ``VertebralLabelingSlicerLib.dependencies``).  An injected labeler needs nothing.
-        """
-        if self.labelerFactory is not None:
-            return True
-        from VertebralLabelingSlicerLib.dependencies import ensure_runtime
-
-        return ensure_runtime(confirm, slicer.app.temporaryPath, slicer.util.pip_install, tag="VertebralLabeling",
-                              busy=busy)
-
-    def labeler(self):
-        """The labeler for ``self.modelName``, loaded once (loading a model takes seconds)."""
-        if self.modelName not in self._labelers:
-            factory = self.labelerFactory
-            if factory is None:
-                from VertebralLabelingLib.labeling import DiscLabeler
-
-                factory = DiscLabeler.load
-            self._labelers[self.modelName] = factory(self.modelName)
-        return self._labelers[self.modelName]
+        return DiscLabeler.load(modelName)
 
     def process(self, volumeNode, markupsNode=None, sliceR=None, progress=None,
                 overwriteEdits=False):
@@ -501,16 +322,12 @@ class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
         """
         from VertebralLabelingSlicerLib import mrml_adapter
 
-        if markupsNode is not None and not overwriteEdits and \
-                mrml_adapter.node_has_user_edits(markupsNode):
-            raise mrml_adapter.UserEditsWouldBeLost(
-                f'The points in "{markupsNode.GetName()}" were moved, added, removed or renamed '
-                "since they were labeled; labeling again would replace them.")
+        self.refuseToOverwriteEdits(
+            markupsNode, overwriteEdits, mrml_adapter.node_has_user_edits,
+            'The points in "{name}" were moved, added, removed or renamed since they were labeled; '
+            "labeling again would replace them.")
         volume = mrml_adapter.volume_from_node(volumeNode)
-        result = self.labeler().label(volume, slice_r_mm=sliceR, progress=progress)
-        self.lastResult = result
-        for warning in result.warnings:
-            logging.warning(warning)
+        result = self.label(volume, slice_r_mm=sliceR, progress=progress)
         return mrml_adapter.update_markups_node(volumeNode.GetScene(), result.discs, volumeNode,
                                                 markupsNode, overwrite_edits=overwriteEdits)
 
@@ -599,31 +416,12 @@ class VertebralLabelingLogic(ScriptedLoadableModuleLogic):
 #
 # VertebralLabelingTest
 #
-class VertebralLabelingTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Reload and Test, or ctest): the whole flow on a synthetic spine."""
+class VertebralLabelingTest(SpineModuleTest):
+    """Runs inside Slicer (Reload and Test, or ctest) and in pytest: the whole flow on a
+    synthetic spine.  ``runTest`` (the base's) skips the bundled-model tests without ONNX Runtime."""
 
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        """The fake-model test always runs; the real-model tests need ONNX Runtime, which the
-        module installs on first Apply: without it they are skipped with a message, not failed
-        (a fresh Slicer with nothing installed passes)."""
-        from VertebralLabelingSlicerLib.dependencies import missing_requirements
-
-        self.setUp()
-        self.test_EditsAreProtected()
-        missing = missing_requirements()
-        if missing:
-            message = (f"Skipped the tests that run the bundled model: {', '.join(missing)} not "
-                       "installed (press Apply once to install it).")
-            logging.warning(message)
-            self.delayDisplay(message)
-            return
-        self.setUp()
-        self.test_VertebralLabeling1()
-        self.setUp()
-        self.test_StudyReview()
+    fakeModelTests = ("test_EditsAreProtected",)
+    bundledModelTests = ("test_VertebralLabeling1", "test_StudyReview")
 
     def _phantomNode(self):
         from VertebralLabelingLib.phantom import make_phantom
@@ -653,9 +451,10 @@ class VertebralLabelingTest(ScriptedLoadableModuleTest):
     def test_EditsAreProtected(self):
         """With a fake labeler (no model needed): edits are detected and never lost silently."""
         import numpy as np
+
         from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
         from VertebralLabelingLib.labeling import DiscPoint
-        from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost
+        from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost
 
         volumeNode, truth = self._phantomNode()
 

@@ -3,7 +3,7 @@
 # Usage: source scripts/setup_env.sh [extra]
 #   no extra: inference only (numpy, scipy, SimpleITK, pillow, onnxruntime: label, batch, evaluate)
 #   "train":  adds tensorflow-cpu, tf2onnx, onnx (train, xray train, export-onnx)
-#   "test":   the train extra plus pytest, jsonschema, slicer-core, selenium
+#   "test":   the train extra plus pytest, jsonschema, ruff, slicer-core, selenium
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}

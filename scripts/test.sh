@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command from the README: sets up .venv from scratch and runs the whole pytest suite.
+# The test command from the README: sets up .venv from scratch, runs ruff (pyproject's [tool.ruff];
+# a finding fails the run) and then the whole pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
@@ -13,5 +14,6 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     echo "warning: /usr/bin/chromium or /usr/bin/chromedriver missing; the browser test will fail in CI" >&2
   fi
 fi
+.venv/bin/python -m ruff check .
 export TF_CPP_MIN_LOG_LEVEL=2 QT_QPA_PLATFORM=offscreen
 .venv/bin/python -m pytest -q -rs "$@"

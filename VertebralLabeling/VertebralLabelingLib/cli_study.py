@@ -120,9 +120,7 @@ def cmd_batch(args) -> int:
 
 def cmd_study_report(args) -> int:
     from .qc_report import write_report
-    from .study import default_derivative, write_table
-
-    from .study import remove_stale_temporaries
+    from .study import default_derivative, remove_stale_temporaries, write_table
 
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
     remove_stale_temporaries(deriv)

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--qc", help="also write a QC picture (PNG)")
     p.add_argument("--markups", help="manual mode: take the 68 corners from this .mrk.json "
                    "(e.g. corrected in Slicer) instead of running the model")
-    p.add_argument("--model", default="xray-compact", help="bundled model name (runs its .onnx), or a .onnx or .keras path")
+    p.add_argument("--model", default="xray-compact",
+                   help="bundled model name (runs its .onnx), or a .onnx or .keras path")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=cmd_label)
 
@@ -86,7 +87,7 @@ def _write_json(path, data):
 def cmd_label(args) -> int:
     from . import xray_export
     from .xray_data import read_radiograph
-    from .xray_label import XrayResult, XrayLabeler, cobb_from_physical
+    from .xray_label import XrayLabeler, XrayResult, cobb_from_physical
 
     if args.output and not args.output.endswith(".mrk.json"):
         raise InputError("The output file name must end with .mrk.json")

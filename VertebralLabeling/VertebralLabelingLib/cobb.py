@@ -81,7 +81,8 @@ def _validate(landmarks_xy) -> np.ndarray:
     """Return a float64 (68, 2) copy, or raise ValueError saying what is wrong."""
     pts = np.asarray(landmarks_xy, dtype=np.float64)
     if pts.shape != (N_POINTS, 2):
-        raise ValueError(f"landmarks_xy must have shape ({N_POINTS}, 2) (17 vertebrae x 4 corners, x/y), got {pts.shape}")
+        raise ValueError(f"landmarks_xy must have shape ({N_POINTS}, 2) (17 vertebrae x 4 corners, x/y), "
+                         f"got {pts.shape}")
     if not np.all(np.isfinite(pts)):
         raise ValueError("landmarks_xy must be finite (no NaN/inf)")
     return pts

@@ -23,9 +23,18 @@ import numpy as np
 
 from . import DISC_NAMES, DISC_VALUES, __version__
 from .errors import InputError
-from .export import markups_dict, read_markups_json
-from .study import (SUFFIX_CORRECTED, SUFFIX_DLABEL, SUFFIX_MARKUPS, default_qc_file, read_json,
-                    read_qc_marks, sha256_file, study_entries, write_json)
+from .export import markups_dict
+from .study import (
+    SUFFIX_CORRECTED,
+    SUFFIX_DLABEL,
+    SUFFIX_MARKUPS,
+    default_qc_file,
+    read_json,
+    read_qc_marks,
+    sha256_file,
+    study_entries,
+    write_json,
+)
 from .volume import write_atomic_bytes
 
 CORRECTED_KEY = "VertebralLabeling"
@@ -107,8 +116,8 @@ def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, acce
     read is rejected for that image only: logged with the reason, appended to ``rejected`` as
     ``(key, reason)``, and the other images are still imported.
     """
-    from .markups_check import geometry_of
     from .export import write_disc_label_nifti
+    from .markups_check import geometry_of
     from .volume import load_volume
 
     deriv, out = Path(deriv), Path(out)

@@ -115,8 +115,8 @@ def export_onnx(keras_path, onnx_path=None, tolerance: float = TOLERANCE) -> Pat
     model, meta = model_lib.load_keras_with_metadata(keras_path, lambda m, p: None
                                                      if isinstance(m, dict) else f"{p} is not a JSON object.")
     try:
-        import tensorflow as tf
         import onnxruntime as ort
+        import tensorflow as tf
     except ImportError as error:
         raise ModelError(f"The ONNX export needs tensorflow, tf2onnx, onnx and onnxruntime "
                          f"({error}); pip install 'vertebral-labeling[train]'.") from error

@@ -97,6 +97,6 @@ def make_phantom(seed: int = 0, shape=(64, 150, 230), randomize: bool = True,
     matrix[:3, 3] = -(np.array(shape) - 1) / 2
     discs = {v: p for v, p in discs.items() if v in DISC_VALUES or v == 9}
     # The lateral shift/tilt were applied to centred S coordinates; express points in RAS.
-    for value, point in discs.items():
+    for point in discs.values():
         point[0] = lateral_shift + lateral_tilt * point[2]
     return Volume(array=vol, ijk_to_ras=matrix, name=f"phantom{seed}"), discs

@@ -23,13 +23,26 @@ import base64
 import html
 import io
 import json
+from functools import cache
+from importlib import resources
 from pathlib import Path
+from string import Template
 
-from .study import (SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file, read_json, read_qc_marks,
-                    study_entries)
+from .study import SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file, read_json, read_qc_marks, study_entries
 from .volume import write_atomic_bytes
 
 THUMB_HEIGHT = 360
+
+
+@cache
+def page_template() -> Template:
+    """The page (HTML, CSS, JavaScript) with ``$title`` and ``$data`` slots.
+
+    It is a packaged file (``templates/qc_page.html``), not a string in this module, so it can be
+    read and edited as HTML; every ``$`` of the JavaScript is written ``$$`` there.
+    """
+    text = resources.files(__package__).joinpath("templates", "qc_page.html").read_text(encoding="utf-8")
+    return Template(text)
 
 
 def _thumbnail(path: Path) -> str:
@@ -79,7 +92,7 @@ def write_report(deriv, bids=None, contrast="T2w", qc_file=None) -> Path:
             "entries": report_entries(deriv, bids, contrast),
             "marks": saved.get("marks", {}) if isinstance(saved, dict) else {}}
     payload = json.dumps(data).replace("</", "<\\/")  # never closes the <script> early
-    page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+    page = page_template().substitute(title=html.escape(title), data=payload)
     path = deriv / "qc" / "index.html"
     write_atomic_bytes(path, page.encode("utf-8"))
     return path
@@ -240,131 +253,3 @@ def serve(deriv, host="127.0.0.1", port=8765, allow_remote=False) -> int:
         server.server_close()
     return 0
 
-
-PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="qc-token" content="">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'">
-<title>__TITLE__</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:0;background:#1d1f21;color:#ddd}
-header{position:sticky;top:0;background:#2b2e31;padding:8px 12px;display:flex;gap:12px;align-items:center;flex-wrap:wrap;z-index:1}
-h1{font-size:16px;margin:0 12px 0 0}
-#cards{display:flex;flex-wrap:wrap;gap:10px;padding:12px}
-.card{background:#2b2e31;border:3px solid #444;border-radius:6px;padding:6px;width:300px}
-.card.big{width:720px}
-.card.pass{border-color:#3c3}.card.fail{border-color:#e33}
-.card img{width:100%;display:block;background:#000;cursor:zoom-in}
-.card.big img{cursor:zoom-out}
-.card .name{font-weight:bold}.card .meta{font-size:12px;color:#aaa;min-height:2.4em}
-.card .bad{color:#f77}.card .ok{color:#7e7}
-.card button{margin:4px 4px 0 0}
-button.on{outline:2px solid #fff}
-#counts{font-size:13px}
-</style></head>
-<body>
-<header><h1>__TITLE__</h1>
-<label>Sort <select id="sort">
-<option value="attention">needs attention first</option>
-<option value="confidence">lowest confidence first</option>
-<option value="subject">subject</option></select></label>
-<span id="counts"></span>
-<button id="save">Save qc.json</button><span id="saved"></span>
-</header>
-<div id="cards"></div>
-<script id="qc-data" type="application/json">__DATA__</script>
-<script>
-"use strict";
-const DATA = JSON.parse(document.getElementById("qc-data").textContent);
-let marks = Object.assign({}, DATA.marks);
-try {
-  const local = JSON.parse(localStorage.getItem(DATA.storageKey) || "{}");
-  for (const [key, mark] of Object.entries(local)) {
-    if (!marks[key] || (mark.time || "") > (marks[key].time || "")) marks[key] = mark;
-  }
-} catch (e) { /* storage unavailable: marks live in the page only */ }
-
-function keep() {
-  try { localStorage.setItem(DATA.storageKey, JSON.stringify(marks)); } catch (e) {}
-  counts();
-}
-function counts() {
-  const values = Object.values(marks).map(m => m.status);
-  const pass = values.filter(v => v === "pass").length, fail = values.filter(v => v === "fail").length;
-  document.getElementById("counts").textContent =
-    `${DATA.entries.length} images: ${pass} pass, ${fail} fail, ${DATA.entries.length - pass - fail} to review`;
-}
-function attention(e) {
-  return [e.status !== "ok" ? 0 : 1, -e.flagged.length, e.min_confidence === null ? -1 : e.min_confidence];
-}
-function compare(a, b) {
-  const mode = document.getElementById("sort").value;
-  const ka = mode === "attention" ? attention(a) : mode === "confidence" ? [a.min_confidence ?? -1] : [a.key];
-  const kb = mode === "attention" ? attention(b) : mode === "confidence" ? [b.min_confidence ?? -1] : [b.key];
-  for (let i = 0; i < ka.length; i++) { if (ka[i] < kb[i]) return -1; if (ka[i] > kb[i]) return 1; }
-  return a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
-}
-function mark(key, status) {
-  if (marks[key] && marks[key].status === status) delete marks[key];
-  else marks[key] = {status: status, time: new Date().toISOString()};
-  keep(); render();
-}
-function el(tag, attrs, text) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-function render() {
-  const box = document.getElementById("cards");
-  box.textContent = "";
-  for (const e of DATA.entries.slice().sort(compare)) {
-    const status = marks[e.key] ? marks[e.key].status : "";
-    const card = el("div", {"class": "card " + status, "data-key": e.key, "data-subject": e.subject});
-    card.appendChild(el("div", {"class": "name"}, e.key));
-    if (e.thumbnail) {
-      const img = el("img", {src: e.thumbnail, alt: "QC " + e.key, title: "click to enlarge"});
-      img.addEventListener("click", () => card.classList.toggle("big"));
-      card.appendChild(img);
-    }
-    let meta;
-    if (e.status !== "ok") meta = el("div", {"class": "meta bad"}, "labeling failed: " + e.error);
-    else meta = el("div", {"class": "meta"},
-      `min confidence ${e.min_confidence === null ? "-" : e.min_confidence.toFixed(2)}` +
-      (e.flagged.length ? `; review: ${e.flagged.join(", ")}` : "; none flagged") +
-      (e.corrected ? "; corrected by hand" : ""));
-    card.appendChild(meta);
-    for (const s of ["pass", "fail"]) {
-      const b = el("button", {"class": s + (status === s ? " on" : ""), "data-mark": s}, s === "pass" ? "Pass" : "Fail");
-      b.addEventListener("click", () => mark(e.key, s));
-      card.appendChild(b);
-    }
-    box.appendChild(card);
-  }
-}
-function document_() {
-  return JSON.stringify({format: "vertebral-labeling-qc", version: 1, dataset: DATA.title,
-                         saved: new Date().toISOString(), marks: marks}, null, 2) + "\n";
-}
-async function save() {
-  const text = document_(), status = document.getElementById("saved");
-  if (location.protocol.startsWith("http")) {
-    try {
-      const token = document.querySelector('meta[name="qc-token"]').getAttribute("content");
-      const response = await fetch("qc.json", {method: "POST", body: text,
-        headers: {"Content-Type": "application/json", "X-QC-Token": token}});
-      if (response.ok) { status.textContent = " saved to the derivative folder"; return; }
-    } catch (e) { /* fall back to a download */ }
-  }
-  const url = URL.createObjectURL(new Blob([text], {type: "application/json"}));
-  const link = el("a", {href: url, download: "qc.json"});
-  document.body.appendChild(link); link.click(); link.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 1000);
-  status.textContent = " downloaded qc.json: put it in the derivative's qc/ folder";
-}
-document.getElementById("sort").addEventListener("change", render);
-document.getElementById("save").addEventListener("click", save);
-counts(); render();
-</script>
-</body></html>
-"""

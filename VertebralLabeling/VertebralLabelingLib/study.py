@@ -609,7 +609,7 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
         write_dataset_description(deriv, bids)
     except OSError as error:
         raise InputError(f"Cannot write the derivative folder {deriv} ({error.strerror}); "
-                         "pass --out to write it elsewhere (e.g. when the dataset is read-only).")
+                         "pass --out to write it elsewhere (e.g. when the dataset is read-only).") from error
     logger = _Log(deriv / LOG_NAME, log)
     stale = remove_stale_temporaries(deriv)
     if stale:

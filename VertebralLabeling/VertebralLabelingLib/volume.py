@@ -227,10 +227,10 @@ def read_image(path: str | os.PathLike, check=None) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise InputError(f"Cannot read {path}: not an image file SimpleITK can open. {first_line}")
-    except MemoryError:
+        raise InputError(f"Cannot read {path}: not an image file SimpleITK can open. {first_line}") from error
+    except MemoryError as error:
         raise InputError(f"Cannot read {path}: not enough memory for an image of size "
-                         f"{reader.GetSize()}.")
+                         f"{reader.GetSize()}.") from error
     if nonfinite is not None and len(nonfinite):
         image.nonfinite_indices = nonfinite  # SimpleITK images take attributes
     return image

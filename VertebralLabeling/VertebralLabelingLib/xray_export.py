@@ -100,11 +100,9 @@ def write_angles_json(cobb: CobbResult, path, extra: dict | None = None) -> None
 # -- QC picture ------------------------------------------------------------------------------
 def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 1000):
     """PIL picture: the radiograph, the 17 vertebra outlines, the end-vertebra lines and angles."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from .xray_data import normalize
-
-    from PIL import ImageFont
 
     try:
         font = ImageFont.load_default(size=max(11, height // 60))

@@ -19,7 +19,7 @@ import numpy as np
 from . import xray_data
 from .cobb import CobbResult, cobb_angles
 from .errors import InputError
-from .xray_data import INPUT_SHAPE, OFFSET_SCALE, STRIDE, POINT_LABELS, Radiograph
+from .xray_data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
 
 N_VERTEBRAE = 17
 #: A vertebra whose centre peak is below this is flagged for review.

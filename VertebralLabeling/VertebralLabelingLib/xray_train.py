@@ -14,16 +14,14 @@ trained on, and the metadata records the exact validation file list.
 from __future__ import annotations
 
 import json
-import threading
 import queue
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import xray_data
-from . import xray_model
+from . import __version__, xray_data, xray_model
 
 
 def focal_loss(tf, target, pred):
@@ -58,7 +56,10 @@ class _Batches:
         for i in idx:
             image, pts = xray_data.training_sample(self.images[i], self.points[i], self.rng)
             heat, off, mask = xray_data.targets(pts)
-            xs.append(image[..., None]); hs.append(heat); os_.append(off); ms.append(mask)
+            xs.append(image[..., None])
+            hs.append(heat)
+            os_.append(off)
+            ms.append(mask)
         return tuple(np.stack(a).astype(np.float32) for a in (xs, hs, os_, ms))
 
     def _run(self):
@@ -79,12 +80,11 @@ class _Batches:
 
 def validate(model, images, points, sizes, max_images=None):
     """Quick validation on cached inputs: SMAPE (%) and mean corner error in original pixels."""
-    from .xray_label import XrayLabeler
     from .cobb import cobb_angles
+    from .xray_label import XrayLabeler
 
     labeler = XrayLabeler(model, {"input_shape": list(xray_data.INPUT_SHAPE)})
     n = len(images) if max_images is None else min(max_images, len(images))
-    num = den = 0.0
     smapes, errors = [], []
     for k in range(n):
         cache = images[k].astype(np.float32) / 255.0

@@ -26,14 +26,15 @@ import re
 
 import numpy as np
 import SimpleITK as sitk
-import slicer
+import slicer  # noqa: F401 (loads the markups MRML classes that AddNewNodeByClass creates)
 import vtk
 
 from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
-from VertebralLabelingLib.errors import InputError, VertebralLabelingError
+from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.export import describe  # same description text as the .mrk.json export
 from VertebralLabelingLib.labeling import DiscPoint
 from VertebralLabelingLib.volume import Volume
+from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
 #: Node attribute holding the last prediction written to the node: [{"label", "position"}].
 PREDICTED_ATTRIBUTE = "VertebralLabeling.predicted"
@@ -45,13 +46,6 @@ REVIEW_COLOR = (1.0, 0.55, 0.0)
 
 _VALUE_BY_NAME = dict(zip(DISC_NAMES, DISC_VALUES))
 _CONFIDENCE = re.compile(r"confidence\s*=\s*([-+0-9.eE]+|nan)")
-
-
-class UserEditsWouldBeLost(VertebralLabelingError):
-    """Writing the new prediction would overwrite points the user corrected by hand.
-
-    The widget catches this and asks whether to replace the edits or write a new node.
-    """
 
 
 # -- volumes ---------------------------------------------------------------------------------
@@ -85,30 +79,8 @@ def volume_from_node(volume_node) -> Volume:
     flat = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
     kji = flat.reshape(nk, nj, ni)  # VTK stores x (i) fastest: C order is k, j, i
     volume = Volume.from_sitk(sitk.GetImageFromArray(kji), name=name)  # checks + i,j,k array
-    volume.ijk_to_ras = _ijk_to_world(volume_node)
+    volume.ijk_to_ras = ijk_to_world(volume_node)
     return volume
-
-
-def _ijk_to_world(volume_node) -> np.ndarray:
-    """IJK -> world RAS of a volume node; refuses non-linear transforms (not representable)."""
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = _to_numpy(matrix)
-    transform_node = volume_node.GetParentTransformNode()
-    if transform_node is None:
-        return ijk_to_ras
-    if not transform_node.IsTransformToWorldLinear():
-        raise InputError(
-            f'"{volume_node.GetName()}" is under a non-linear transform; harden the transform '
-            "(Data module, right-click > Harden transform) and try again."
-        )
-    to_world = vtk.vtkMatrix4x4()
-    transform_node.GetMatrixTransformToWorld(to_world)
-    return _to_numpy(to_world) @ ijk_to_ras
-
-
-def _to_numpy(matrix) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def add_volume_node(scene, volume: Volume, name: str | None = None):

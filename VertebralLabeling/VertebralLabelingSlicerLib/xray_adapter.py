@@ -22,8 +22,9 @@ import numpy as np
 import vtk
 
 from VertebralLabelingLib.cobb import N_POINTS, VERTEBRA_NAMES
-from VertebralLabelingLib.errors import InputError, VertebralLabelingError
+from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.xray_data import POINT_LABELS, Radiograph, radiograph_from_sitk
+from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
 LINES_ATTRIBUTE = "CobbAngle.lines"
 PREDICTED_ATTRIBUTE = "CobbAngle.predicted"
@@ -34,23 +35,10 @@ POINT_COLOR = (0.25, 1.0, 0.35)
 REVIEW_COLOR = (1.0, 0.25, 0.25)
 
 
-class UserEditsWouldBeLost(VertebralLabelingError):
-    """Writing a new prediction would overwrite corners the user moved by hand."""
-
-
 # -- images ----------------------------------------------------------------------------------
 def _lps_matrix(volume_node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    transform = volume_node.GetParentTransformNode()
-    if transform is not None:
-        if not transform.IsTransformToWorldLinear():
-            raise InputError(f'"{volume_node.GetName()}" is under a non-linear transform; harden it first.')
-        to_world = vtk.vtkMatrix4x4()
-        transform.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = np.array([[to_world.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk_to_ras
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras
+    """IJK -> world LPS (the core's radiograph space) of a volume node."""
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_world(volume_node)
 
 
 def radiograph_from_node(volume_node) -> Radiograph:
