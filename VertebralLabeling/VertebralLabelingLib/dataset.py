@@ -177,7 +177,8 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
     values = [v for v in DISC_VALUES if v in subject.discs]
     points = np.array([subject.discs[v] for v in values])
     a, b = _midline_of(np.array(list(subject.discs.values())))
-    row = np.array([-b, 0.0, -1.0]); row /= np.linalg.norm(row)
+    row = np.array([-b, 0.0, -1.0])
+    row /= np.linalg.norm(row)
     col = np.array([0.0, -1.0, 0.0])
     normal = np.cross(col, row)
     deg = np.pi / 180 * strength

@@ -19,8 +19,14 @@ import numpy as np
 from . import DISC_NAMES, DISC_VALUES
 from . import models as model_lib
 from .errors import InputError
-from .midsagittal import (YAW_SEARCH_DEG, Midline, SagittalSlice, estimate_midline, extract_midsagittal,
-                          normalize_intensity)
+from .midsagittal import (
+    YAW_SEARCH_DEG,
+    Midline,
+    SagittalSlice,
+    estimate_midline,
+    extract_midsagittal,
+    normalize_intensity,
+)
 from .volume import Volume
 
 REVIEW_BELOW = 0.35
@@ -267,7 +273,7 @@ def decode_chain(heatmaps: np.ndarray, stride: int):
     for k in range(1, n):
         prev, cur = states[-1], {}
 
-        def offer(state, score, source):
+        def offer(state, score, source, cur=cur):
             if state not in cur or score > cur[state][0]:
                 cur[state] = (score, source)
 

@@ -16,8 +16,7 @@ import numpy as np
 
 from . import DISC_NAMES, DISC_VALUES, __version__
 from . import models as model_lib
-from .dataset import (SampleMixer, data_root, heatmap_targets, load_bids_subjects, load_pam50,
-                      make_phantom_subjects)
+from .dataset import SampleMixer, data_root, heatmap_targets, load_bids_subjects, load_pam50, make_phantom_subjects
 
 TRAIN_SHAPE = (192, 128)
 CHUNK_STEPS = 25
