@@ -118,14 +118,17 @@ def test_import_refuses_to_replace_labels_it_did_not_write(tmp_path, mri_bids):
 
         import_corrections(deriv, tmp_path / "labels")
     markups = deriv / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_discs.mrk.json"
-    save_corrected(person_correction(markups), corrected_path(markups))
+    image = mri_bids / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w.nii.gz"
+    correction = person_correction(markups, image)  # discs outside the small crop removed
+    assert correction
+    save_corrected(correction, corrected_path(markups))
     manual = tmp_path / "labels" / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_label-discs_dlabel.nii.gz"
     manual.parent.mkdir(parents=True)
     manual.write_bytes(b"a manual label")
     assert run_cli("import-corrections", "--deriv", deriv, "--out", tmp_path / "labels") == 2
     assert manual.read_bytes() == b"a manual label"
     assert run_cli("import-corrections", "--deriv", deriv, "--out", tmp_path / "labels", "--overwrite") == 0
-    assert sorted(read_disc_labels(manual)) == [3, 4, 5, 6, 7, 8]
+    assert sorted(read_disc_labels(manual)) == sorted(d.value for d in correction)
     # Re-importing over its own output needs no flag.
     assert run_cli("import-corrections", "--deriv", deriv, "--out", tmp_path / "labels") == 0
 
