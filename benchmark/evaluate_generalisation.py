@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         details[f"{name} / {label}"] = metrics
         rows.append(row(name, label, metrics))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        if args.json:  # after every row: a long run that stops early keeps what it measured
+            args.json.write_text(json.dumps({"rows": rows, "details": details}, indent=2) + "\n")
 
     run("real, synthetic-only model", "compact-synthetic", model=synthetic)
     run("real, leave-one-subject-out", "loso folds", model=synthetic, model_for_subject=folds)
@@ -98,8 +100,6 @@ def main(argv=None) -> int:
     print(f"\nworst identification {min(r['identification_rate'] for r in worst):.0%}, "
           f"silent errors {sum(r['silent_errors'] for r in worst)} over "
           f"{sum(r['n_discs'] for r in worst)} held-out discs")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "details": details}, indent=2) + "\n")
     return 0
 
 

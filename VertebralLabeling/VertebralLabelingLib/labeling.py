@@ -337,8 +337,10 @@ ANCHOR_THRESHOLD = 0.3
 DETECTOR_THRESHOLD = 0.25
 #: A placed disc must lie this close to a disc the level-agnostic detector sees (mm).
 AGREEMENT_MM = 4.0
-#: The first disc below the dens tip (C2/C3) lies this far below it (mm, along the image rows).
-DENS_TO_C2C3_MM = (15.0, 60.0)
+#: The first disc below the dens tip (C2/C3) lies this far below it (mm, along the image rows):
+#: the dens (>= 10 mm) plus the C2 body (>= 14 mm) in the synthetic anatomy, with a margin.  A
+#: detection nearer the dens (the C1/C2 joint, the dens base) is not counted as a disc.
+DENS_TO_C2C3_MM = (20.0, 60.0)
 
 
 @dataclass
