@@ -216,3 +216,21 @@ def test_stress_command_writes_an_evaluable_dataset(mri_bids, tmp_path):
         assert len(pairs) >= 3 and all(label is not None for _, _, label in pairs)
         assert json.loads((tmp_path / variant / "dataset_description.json").read_text())["DatasetType"] == "derived"
     assert main(["stress", "--bids", str(mri_bids), "--out", str(tmp_path), "--variants", "upside-down"]) == 2
+
+
+# -- the demo input ----------------------------------------------------------------------------
+def test_demo_synthetic_volume_is_labeled_by_the_shipped_model(tmp_path):
+    """`phantom --synthetic` (the demo's default input) round-trips through a file, and the
+    shipped model puts every disc within 3 mm of its known posterior tip (sagittal plane)."""
+    from VertebralLabelingLib.cli import main
+    from VertebralLabelingLib.labeling import DiscLabeler
+    from VertebralLabelingLib.synthetic_spine import synthetic_volume
+    from VertebralLabelingLib.volume import load_volume
+
+    path = tmp_path / "demo.nii.gz"
+    assert main(["phantom", str(path), "--synthetic"]) == 0
+    _, tips = synthetic_volume(seed=0)
+    result = DiscLabeler.load("compact").label(load_volume(path))
+    errors = [float(np.linalg.norm((d.ras - tips[d.value])[1:])) for d in result.discs]
+    assert max(errors) < 3.0, np.round(errors, 1)
+    assert [d.name for d in result.discs] == list(DISC_NAMES)

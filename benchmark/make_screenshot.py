@@ -1,6 +1,7 @@
-"""Make the README's QC picture: the bundled phantom and a held-out real subject, side by side.
+"""Make the README's QC picture: the demo's synthetic spine and a held-out real subject, side by side.
 
-Left: the synthetic phantom labeled by the shipped ``compact`` model. Right: real subject
+Left: the demo input (``vertebral-labeling phantom --synthetic``, a spine from the training
+generator, seed 0) labeled by the shipped ``compact`` model. Right: real subject
 sub-errsm20 labeled by the leave-one-subject-out fold model that never saw it.
 
 Usage: python benchmark/make_screenshot.py [--out Resources/Screenshot.png]
@@ -21,7 +22,7 @@ from VertebralLabelingLib.dataset import data_root, find_bids_pairs  # noqa: E40
 from VertebralLabelingLib.export import qc_image  # noqa: E402
 from VertebralLabelingLib.labeling import DiscLabeler  # noqa: E402
 from VertebralLabelingLib.models import models_dir  # noqa: E402
-from VertebralLabelingLib.phantom import make_phantom  # noqa: E402
+from VertebralLabelingLib.synthetic_spine import synthetic_volume  # noqa: E402
 from VertebralLabelingLib.volume import load_volume  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main():
     parser.add_argument("--out", default=str(REPO / "Resources" / "Screenshot.png"))
     parser.add_argument("--subject", default="sub-errsm20")
     args = parser.parse_args()
-    phantom, _ = make_phantom(seed=0)
+    phantom, _ = synthetic_volume(seed=0)
     left = qc_image(DiscLabeler.load("compact").label(phantom))
     image = next(img for sub, img, _ in find_bids_pairs(data_root() / "mri" / "bids")
                  if sub == args.subject)

@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 INPUT=${1:-}
 if [ -z "$INPUT" ]; then
   INPUT="$OUT/phantom.nii.gz"
-  .venv/bin/vertebral-labeling phantom "$INPUT"
+  .venv/bin/vertebral-labeling phantom --synthetic T2 "$INPUT"
 fi
 NAME=$(basename "$INPUT"); NAME=${NAME%%.*}
 .venv/bin/vertebral-labeling label "$INPUT" -o "$OUT/$NAME.mrk.json" --csv "$OUT/$NAME.csv" \

@@ -93,6 +93,10 @@ def _add_phantom(sub):
     p = sub.add_parser("phantom", help="write a synthetic cervical-spine volume (demo / tests)")
     p.add_argument("output", help="image file to write, e.g. phantom.nii.gz")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic", metavar="CONTRAST", nargs="?", const="T2",
+                   choices=["T2", "T1", "STIR", "PD", "random"],
+                   help="a spine from the training generator (realistic anatomy, default T2) "
+                   "instead of the simple geometric phantom")
 
 
 def _add_stress(sub):
@@ -221,9 +225,13 @@ def cmd_export_onnx(args):
 
 def cmd_phantom(args):
     from .phantom import make_phantom
+    from .synthetic_spine import synthetic_volume
     from .volume import write_image_atomic
 
-    volume, discs = make_phantom(seed=args.seed)
+    if args.synthetic:
+        volume, discs = synthetic_volume(seed=args.seed, family=args.synthetic)
+    else:
+        volume, discs = make_phantom(seed=args.seed)
     write_image_atomic(volume.to_sitk(), args.output)
     for value, point in sorted(discs.items()):
         print(f"disc {value}: RAS {point.round(1).tolist()}")
