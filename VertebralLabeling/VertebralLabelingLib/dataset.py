@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import DISC_VALUES
+from .augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
 from .errors import InputError
 from .midsagittal import normalize_intensity, sample_plane
 from .phantom import make_phantom
@@ -144,23 +145,11 @@ def make_phantom_subjects(count: int, seed: int) -> list[Subject]:
 
 
 # ---------------------------------------------------------------------------------------------
-def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
-    axis = axis / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-
-
 def _midline_of(points: np.ndarray) -> tuple[float, float]:
     if len(points) >= 3 and np.ptp(points[:, 2]) > 20:
         b, a = np.polyfit(points[:, 2], points[:, 0], 1)
         return float(a), float(np.clip(b, -0.3, 0.3))
     return float(points[:, 0].mean()), 0.0
-
-
-def _smooth_field(rng, shape, cells: int, sigma: float) -> np.ndarray:
-    coarse = rng.normal(0, sigma, size=(max(2, shape[0] // cells), max(2, shape[1] // cells)))
-    zoom = (shape[0] / coarse.shape[0], shape[1] / coarse.shape[1])
-    return ndimage.zoom(coarse, zoom, order=3)[: shape[0], : shape[1]]
 
 
 def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128),
@@ -182,8 +171,8 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
     col = np.array([0.0, -1.0, 0.0])
     normal = np.cross(col, row)
     deg = np.pi / 180 * strength
-    rot = (_rotation(normal, rng.uniform(-15, 15) * deg) @ _rotation(row, rng.uniform(-6, 6) * deg)
-           @ _rotation(col, rng.uniform(-4, 4) * deg))
+    rot = (rotation(normal, rng.uniform(-15, 15) * deg) @ rotation(row, rng.uniform(-6, 6) * deg)
+           @ rotation(col, rng.uniform(-4, 4) * deg))
     scale = np.exp(rng.uniform(np.log(0.85), np.log(1.2)) * strength)
     row, col, normal = rot @ row * scale, rot @ col * scale, rot @ normal
     if keep_all_discs:
@@ -196,7 +185,7 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
     origin = anchor - r0 * row - c0 * col
     disp = None
     if rng.random() < 0.5 * strength:
-        disp = np.stack([_smooth_field(rng, shape, 32, 3.0), _smooth_field(rng, shape, 32, 3.0)])
+        disp = np.stack([smooth_field(rng, shape, 32, 3.0), smooth_field(rng, shape, 32, 3.0)])
     offsets = (0.0,)
     if rng.random() < 0.25 * strength:
         thick = rng.uniform(2, 5)
@@ -205,12 +194,7 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
 
     targets = np.full((len(DISC_VALUES), 2), np.nan)
     basis = np.stack([row, col, normal], axis=1)
-    for value, point in zip(values, points):
-        rc = np.linalg.solve(basis, point - origin)[:2]
-        if disp is not None:
-            rc = rc - np.array([ndimage.map_coordinates(d, rc[:, None], order=1, mode="nearest")[0]
-                                for d in disp])
-        targets[DISC_VALUES.index(value)] = rc
+    targets[[DISC_VALUES.index(v) for v in values]] = to_slice_pixels(points, origin, basis, disp)
     inside = plane.inside.copy()
     if not keep_all_discs and rng.random() < 0.3 * strength:  # smaller field of view
         cut = int(rng.uniform(0.15, 0.6) * shape[0])
@@ -218,12 +202,12 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
             inside[:cut] = False
         else:
             inside[shape[0] - cut:] = False
-    targets = _drop_invisible(targets, inside, shape)
+    targets = visible_or_nan(targets, inside)
     image = normalize_intensity(plane.image, inside)
     image = _augment_intensity(image, inside, rng, strength)
     if not with_extras:
         return image, targets
-    return image, targets, _real_extras(subject, basis, origin, disp, inside, shape)
+    return image, targets, _real_extras(subject, basis, origin, disp, inside)
 
 
 @dataclass
@@ -236,30 +220,12 @@ class SampleExtras:
     anchor: np.ndarray | None = None
 
 
-def _real_extras(subject, basis, origin, disp, inside, shape) -> SampleExtras:
+def _real_extras(subject, basis, origin, disp, inside) -> SampleExtras:
     values = sorted(v for v in subject.discs if v >= DISC_VALUES[0])
-    rcs = []
-    for value in values:
-        rc = np.linalg.solve(basis, subject.discs[value] - origin)[:2]
-        if disp is not None:
-            rc = rc - np.array([ndimage.map_coordinates(d, rc[:, None], order=1, mode="nearest")[0]
-                                for d in disp])
-        rcs.append(rc)
-    rcs = np.array(rcs)
+    rcs = to_slice_pixels(np.array([subject.discs[v] for v in values]), origin, basis, disp)
     top = -np.inf if values[0] == DISC_VALUES[0] else rcs[0, 0] - 6.0
-    visible = _drop_invisible(rcs, inside, shape)
+    visible = visible_or_nan(rcs, inside)
     return SampleExtras(visible[~np.isnan(visible[:, 0])], (top, rcs[-1, 0] + 6.0), None)
-
-
-def _drop_invisible(targets: np.ndarray, inside: np.ndarray, shape) -> np.ndarray:
-    out = targets.copy()
-    for k, (r, c) in enumerate(targets):
-        if np.isnan(r):
-            continue
-        ri, ci = int(round(r)), int(round(c))
-        if not (0 <= ri < shape[0] and 0 <= ci < shape[1]) or not inside[ri, ci]:
-            out[k] = np.nan
-    return out
 
 
 def _augment_intensity(image, inside, rng, strength):
@@ -275,7 +241,7 @@ def _augment_intensity(image, inside, rng, strength):
         values[0] = rng.uniform(0, 0.1)
         x = np.interp(x, knots, values)
     if rng.random() < 0.5 * strength:
-        x = x * np.exp(_smooth_field(rng, x.shape, 48, 0.25))
+        x = x * np.exp(smooth_field(rng, x.shape, 48, 0.25))
     if rng.random() < 0.2 * strength:
         x = ndimage.gaussian_filter(x, rng.uniform(0.5, 1.2))
     if rng.random() < 0.6 * strength:
@@ -287,7 +253,7 @@ def _augment_intensity(image, inside, rng, strength):
 
 def negative_sample(rng: np.random.Generator, shape=(192, 128)):
     """An image with no spine (smooth random texture): teaches the network to stay quiet."""
-    x = np.abs(_smooth_field(rng, shape, rng.choice([4, 8, 16]), 1.0))
+    x = np.abs(smooth_field(rng, shape, rng.choice([4, 8, 16]), 1.0))
     x = x / (x.max() + 1e-6) * rng.uniform(0.5, 1.2) + rng.normal(0, 0.05, shape)
     return np.clip(x, 0, 1.5).astype(np.float32), np.full((len(DISC_VALUES), 2), np.nan)
 

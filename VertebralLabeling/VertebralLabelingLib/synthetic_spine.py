@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage
 
 from . import DISC_VALUES
+from .augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
+from .midsagittal import normalize_intensity
 
 # Tissue classes (index into a per-sample intensity table).
 AIR, SOFT, FAT, MUSCLE, MARROW, CORTEX, ANNULUS, NUCLEUS, CSF, CORD, BRAIN, LIGAMENT = range(12)
@@ -493,10 +495,10 @@ def render_sample(rng: np.random.Generator, shape=(192, 128), spine: SyntheticSp
     image = _scanner_effects(rng, image)
     inside = _field_of_view(rng, spine, origin, row, col, normal, shape)
     targets = _targets(spine, origin, row, col, normal)
-    levels = _visible(targets["levels"], inside)
-    discs = _visible(targets["discs"], inside)
-    anchor = _visible(targets["anchor"][None], inside)[0]
-    image = _normalise(image, inside)
+    levels = visible_or_nan(targets["levels"], inside)
+    discs = visible_or_nan(targets["discs"], inside)
+    anchor = visible_or_nan(targets["anchor"][None], inside)[0]
+    image = normalize_intensity(image, inside)
     return SyntheticSample(image, levels, discs[~np.isnan(discs[:, 0])], anchor, family)
 
 
@@ -509,8 +511,8 @@ def _random_plane(rng, spine, shape):
     col = np.array([0.0, -1.0, 0.0])
     normal = np.cross(col, row)
     deg = np.pi / 180
-    rot = (_rotation(normal, rng.uniform(-15, 15) * deg) @ _rotation(row, rng.uniform(-6, 6) * deg)
-           @ _rotation(col, rng.uniform(-5, 5) * deg))
+    rot = (rotation(normal, rng.uniform(-15, 15) * deg) @ rotation(row, rng.uniform(-6, 6) * deg)
+           @ rotation(col, rng.uniform(-5, 5) * deg))
     scale = np.exp(rng.uniform(-0.08, 0.08))
     row, col, normal = rot @ row * scale, rot @ col * scale, rot @ normal
     r0, c0 = rng.uniform(0.15, 0.85) * shape[0], rng.uniform(0.3, 0.65) * shape[1]
@@ -520,15 +522,8 @@ def _random_plane(rng, spine, shape):
     return origin, row, col, normal
 
 
-def _rotation(axis, angle):
-    axis = axis / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-
-
 def _to_pixels(points, origin, row, col, normal):
-    basis = np.stack([row, col, normal], axis=1)
-    return np.linalg.solve(basis, (np.atleast_2d(points) - origin).T).T[:, :2]
+    return to_slice_pixels(points, origin, np.stack([row, col, normal], axis=1))
 
 
 def _targets(spine, origin, row, col, normal):
@@ -538,15 +533,6 @@ def _targets(spine, origin, row, col, normal):
     return {"levels": _to_pixels(levels, origin, row, col, normal),
             "discs": _to_pixels(discs, origin, row, col, normal),
             "anchor": _to_pixels(spine.dens_tip(), origin, row, col, normal)[0]}
-
-
-def _visible(rc, inside):
-    out = np.array(rc, float).copy()
-    for k, (r, c) in enumerate(out):
-        ri, ci = int(round(r)), int(round(c))
-        if not (0 <= ri < inside.shape[0] and 0 <= ci < inside.shape[1]) or not inside[ri, ci]:
-            out[k] = np.nan
-    return out
 
 
 def _field_of_view(rng, spine, origin, row, col, normal, shape):
@@ -574,12 +560,6 @@ def _field_of_view(rng, spine, origin, row, col, normal, shape):
     return inside
 
 
-def _smooth_noise(rng, shape, cells, sigma):
-    coarse = rng.normal(0, sigma, size=(max(2, shape[0] // cells), max(2, shape[1] // cells)))
-    zoom = (shape[0] / coarse.shape[0], shape[1] / coarse.shape[1])
-    return ndimage.zoom(coarse, zoom, order=3)[: shape[0], : shape[1]]
-
-
 def _scanner_effects(rng, x):
     """Partial volume, resolution, texture, bias field, ghosts, wrap-around and noise."""
     x = ndimage.gaussian_filter(x, rng.uniform(0.3, 1.0))
@@ -590,9 +570,8 @@ def _scanner_effects(rng, x):
         zoom[axis] = 1 / factor
         small = ndimage.zoom(x, zoom, order=1)
         x = ndimage.zoom(small, (x.shape[0] / small.shape[0], x.shape[1] / small.shape[1]), order=1)
-        x = x[: x.shape[0], : x.shape[1]]
-    x = x * np.exp(_smooth_noise(rng, x.shape, 6, rng.uniform(0, 0.12)))     # tissue texture
-    x = x * np.exp(_smooth_noise(rng, x.shape, 48, rng.uniform(0, 0.35)))    # bias field
+    x = x * np.exp(smooth_field(rng, x.shape, 6, rng.uniform(0, 0.12)))     # tissue texture
+    x = x * np.exp(smooth_field(rng, x.shape, 48, rng.uniform(0, 0.35)))    # bias field
     if rng.random() < 0.15:  # motion ghosts along the phase-encoding direction
         axis = int(rng.integers(2))
         x = x + rng.uniform(0.05, 0.25) * np.roll(x, int(rng.integers(8, 40)), axis=axis)
@@ -603,12 +582,6 @@ def _scanner_effects(rng, x):
     sigma = rng.uniform(0, 0.08) * max(float(np.percentile(x, 99)), 1e-3)
     x = np.sqrt((x + rng.normal(0, sigma, x.shape)) ** 2 + rng.normal(0, sigma, x.shape) ** 2)
     return x.astype(np.float32)
-
-
-def _normalise(image, inside):
-    from .midsagittal import normalize_intensity
-
-    return normalize_intensity(image, inside)
 
 
 def synthetic_volume(seed: int = 0, family: str = "T2", size_mm=(40, 180, 240)):
