@@ -228,11 +228,17 @@ def romero_crop_corner(image: np.ndarray, size: int) -> np.ndarray:
     return np.round(centre - size / 2).astype(int)
 
 
-def _candidates(heatmap: np.ndarray, stride: int, limit: int = 8):
-    """Local maxima of one disc's heatmap: [(row, col) in input pixels, peak value]."""
+def _local_maxima(heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """(row, col) heatmap cells that are the maximum of their 5 x 5 neighbourhood and exceed
+    ``threshold`` (the peak finder of both the disc decoder and the level count)."""
     from scipy import ndimage
 
-    peaks = np.argwhere((heatmap == ndimage.maximum_filter(heatmap, size=5)) & (heatmap > 0.02))
+    return np.argwhere((heatmap == ndimage.maximum_filter(heatmap, size=5)) & (heatmap > threshold))
+
+
+def _candidates(heatmap: np.ndarray, stride: int, limit: int = 8):
+    """Local maxima of one disc's heatmap: [(row, col) in input pixels, peak value]."""
+    peaks = _local_maxima(heatmap, 0.02)
     order = np.argsort(-heatmap[peaks[:, 0], peaks[:, 1]], kind="stable")[:limit]
     out = [_centroid_at(heatmap, r, c, stride) for r, c in peaks[order]]
     if not out:
@@ -338,9 +344,15 @@ DETECTOR_THRESHOLD = 0.25
 #: A placed disc must lie this close to a disc the level-agnostic detector sees (mm).
 AGREEMENT_MM = 4.0
 #: The first disc below the dens tip (C2/C3) lies this far below it (mm, along the image rows):
-#: the dens (>= 10 mm) plus the C2 body (>= 14 mm) in the synthetic anatomy, with a margin.  A
-#: detection nearer the dens (the C1/C2 joint, the dens base) is not counted as a disc.
+#: the dens (>= 10 mm) plus the C2 body (>= 14 mm) in the synthetic anatomy, with a margin.
 DENS_TO_C2C3_MM = (20.0, 60.0)
+#: How far the detected dens tip may sit below the true one: detections less than
+#: ``DENS_TO_C2C3_MM[0] - DENS_TIP_TOLERANCE_MM`` (15 mm) below it (the C1/C2 joint, the dens
+#: base) are not counted as discs.
+DENS_TIP_TOLERANCE_MM = 5.0
+#: When the first detected disc lies beyond DENS_TO_C2C3_MM[1], discs were missed: its level is
+#: estimated from this usual dens-to-C2/C3 distance plus whole disc spacings.
+USUAL_DENS_TO_C2C3_MM = 30.0
 
 
 @dataclass
@@ -369,17 +381,14 @@ def count_from_c2(any_disc: np.ndarray, dens: np.ndarray, stride: int) -> LevelC
     Counting discs below the one unmistakable landmark, the dens of C2, fails differently.
     A gap of more than 1.6 typical spacings counts as a missed disc.
     """
-    from scipy import ndimage
-
-    peak_map = (any_disc == ndimage.maximum_filter(any_disc, size=5)) & (any_disc > DETECTOR_THRESHOLD)
-    found = [_centroid_at(any_disc, r, c, stride)[0] for r, c in np.argwhere(peak_map)]
+    found = [_centroid_at(any_disc, r, c, stride)[0] for r, c in _local_maxima(any_disc, DETECTOR_THRESHOLD)]
     points = np.array(sorted(found, key=lambda rc: rc[0])) if found else np.zeros((0, 2))
     anchor = None
     if dens.max() > ANCHOR_THRESHOLD:
         anchor = _refine_peak(dens, stride)[0]
     if anchor is None or not len(points):
         return LevelCount(points, [None] * len(points), anchor)
-    below = points[:, 0] > anchor[0] + DENS_TO_C2C3_MM[0] - 5
+    below = points[:, 0] > anchor[0] + DENS_TO_C2C3_MM[0] - DENS_TIP_TOLERANCE_MM
     points = points[below]
     levels, level = [], 0
     gaps = np.diff(points[:, 0]) if len(points) > 1 else np.array([])
@@ -387,7 +396,7 @@ def count_from_c2(any_disc: np.ndarray, dens: np.ndarray, stride: int) -> LevelC
     for k, point in enumerate(points):
         if k == 0:
             level = 0 if point[0] - anchor[0] <= DENS_TO_C2C3_MM[1] else \
-                int(round((point[0] - anchor[0] - 30.0) / max(typical, 10.0)))
+                int(round((point[0] - anchor[0] - USUAL_DENS_TO_C2C3_MM) / max(typical, 10.0)))
         else:
             gap = point[0] - points[k - 1][0]
             level += max(1, int(round(gap / max(typical, 10.0)))) if gap > 1.6 * typical else 1
