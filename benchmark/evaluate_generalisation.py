@@ -27,18 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "VertebralLabeling"))
 
 from VertebralLabelingLib.dataset import data_root  # noqa: E402
-from VertebralLabelingLib.evaluate import evaluate  # noqa: E402
+from VertebralLabelingLib.evaluate import evaluate, fold_models  # noqa: E402
 from VertebralLabelingLib.stress import VARIANTS, write_stress_dataset  # noqa: E402
 
 MODELS = ROOT / "VertebralLabeling" / "Resources" / "Models"
-
-
-def fold_models(fold_dir: Path) -> dict:
-    """Subject id -> model file of the fold that left it out (ONNX preferred)."""
-    folds = {}
-    for path in sorted(fold_dir.glob("*-loso-*.onnx")) + sorted(fold_dir.glob("*-loso-*.keras")):
-        folds.setdefault(path.stem.split("-loso-", 1)[1], path)
-    return folds
 
 
 def row(name: str, model: str, metrics: dict) -> dict:

@@ -167,14 +167,9 @@ def cmd_label(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate
+    from .evaluate import evaluate, fold_models
 
-    folds = {}
-    if args.fold_dir:
-        # .onnx wins over a .keras of the same fold (sorted: .keras first, then replaced)
-        for path in sorted(Path(args.fold_dir).glob("*-loso-*.*"), key=lambda p: p.suffix == ".onnx"):
-            if path.suffix in (".onnx", ".keras"):
-                folds[path.stem.split("-loso-", 1)[1]] = path
+    folds = fold_models(args.fold_dir) if args.fold_dir else {}
     metrics = evaluate(args.bids, model=args.model, model_for_subject=folds, subjects=args.subjects,
                        log=lambda m: print(m, file=sys.stderr))
     from .volume import write_atomic_bytes

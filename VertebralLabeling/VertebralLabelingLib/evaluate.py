@@ -11,6 +11,7 @@ Metrics (per ground-truth disc 3..8 present in the labels; a missing prediction 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +24,16 @@ IDENTIFICATION_RADIUS_MM = 8.0
 #: A disc further than this from the truth (sagittal plane), or not identified, is *wrong*; a
 #: wrong disc that is not flagged for review is a *silent error*.
 WRONG_ABOVE_MM = 5.0
+
+
+def fold_models(fold_dir) -> dict:
+    """Subject id -> model of the leave-one-subject-out fold that left it out, from files named
+    ``NAME-loso-sub-X.onnx`` (preferred) or ``.keras`` in ``fold_dir``."""
+    folds = {}
+    for path in sorted(Path(fold_dir).glob("*-loso-*.*"), key=lambda p: p.suffix == ".onnx"):
+        if path.suffix in (".onnx", ".keras"):
+            folds[path.stem.split("-loso-", 1)[1]] = path  # .onnx sorts last and wins
+    return folds
 
 
 def score_subject(predicted: dict, truth: dict) -> list[dict]:

@@ -10,6 +10,7 @@ Every variant is reproducible from its seed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -166,10 +167,9 @@ def write_stress_dataset(bids_in, out_dir, variants=VARIANTS, seed: int = 0, log
             label_out = root / "derivatives" / "labels" / rel.parent / f"{stem}_label-discs_dlabel.nii.gz"
             write_image_atomic(labels_in_grid(kept, new), label_out)
             written += 1
-        write_atomic_bytes(root / "dataset_description.json",
-                           (f'{{"Name": "stress variant {kind}", "BIDSVersion": "1.8.0", '
-                            f'"DatasetType": "derived", "GeneratedBy": [{{"Name": "vertebral-labeling stress", '
-                            f'"Description": "seed {seed}"}}]}}\n').encode())
+        description = {"Name": f"stress variant {kind}", "BIDSVersion": "1.8.0", "DatasetType": "derived",
+                       "GeneratedBy": [{"Name": "vertebral-labeling stress", "Description": f"seed {seed}"}]}
+        write_atomic_bytes(root / "dataset_description.json", (json.dumps(description) + "\n").encode())
         log(f"{kind}: {written} image(s) -> {root}")
         folders.append(root)
     return folders

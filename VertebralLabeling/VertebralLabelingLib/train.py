@@ -154,37 +154,48 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
         f"{' + PAM50' if template else ''} + {len(phantoms)} phantoms, synthetic share {synthetic}")
     mixer = SampleMixer(real, template, phantoms, seed=seed, synthetic=synthetic)
     prefetch = _Prefetcher(mixer, architecture, batch_size, seed)
-    import keras  # after the fork above; TensorFlow is slow to import
+    try:
+        import keras  # after the fork above; TensorFlow is slow to import
 
-    keras.utils.set_random_seed(seed)
-    if init:
-        model = _initial_model(init, architecture)
-    else:
-        model = model_lib.build(architecture)
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=_loss(architecture))
-    name = name or architecture
-    meta = {
-        "architecture": architecture,
-        "name": name,
-        "version": __version__,
-        "discs": list(DISC_NAMES),
-        "disc_values": list(DISC_VALUES),
-        "stride": model_lib.COMPACT_STRIDE,
-        "input_multiple": model_lib.COMPACT_MULTIPLE,
-        "romero_input": model_lib.ROMERO_INPUT,
-        "sigma": model_lib.HEATMAP_SIGMA,
-        "training": {
-            "subjects": [s.name for s in real], "pam50": bool(template), "phantoms": len(phantoms),
-            "excluded": list(exclude), "seed": seed, "batch_size": batch_size,
-            "labels": [str(d) for d in labels] if labels else None, "qc": str(qc) if qc else None,
-            "steps_planned": steps, "train_shape": list(TRAIN_SHAPE), "contrast": contrast,
-            "synthetic_share": synthetic, "init": str(init) if init else None,
-            "learning_rate": learning_rate,
-        },
-        "outputs": list(DISC_NAMES) + (list(model_lib.EXTRA_OUTPUTS) if architecture == "compact" else []),
-        "parameters": model.count_params(),
-    }
+        keras.utils.set_random_seed(seed)
+        if init:
+            model = _initial_model(init, architecture)
+        else:
+            model = model_lib.build(architecture)
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
+        model.compile(optimizer=keras.optimizers.Adam(schedule), loss=_loss(architecture))
+        name = name or architecture
+        meta = {
+            "architecture": architecture,
+            "name": name,
+            "version": __version__,
+            "discs": list(DISC_NAMES),
+            "disc_values": list(DISC_VALUES),
+            "stride": model_lib.COMPACT_STRIDE,
+            "input_multiple": model_lib.COMPACT_MULTIPLE,
+            "romero_input": model_lib.ROMERO_INPUT,
+            "sigma": model_lib.HEATMAP_SIGMA,
+            "training": {
+                "subjects": [s.name for s in real], "pam50": bool(template), "phantoms": len(phantoms),
+                "excluded": list(exclude), "seed": seed, "batch_size": batch_size,
+                "labels": [str(d) for d in labels] if labels else None, "qc": str(qc) if qc else None,
+                "steps_planned": steps, "train_shape": list(TRAIN_SHAPE), "contrast": contrast,
+                "synthetic_share": synthetic, "init": str(init) if init else None,
+                "learning_rate": learning_rate,
+            },
+            "outputs": list(DISC_NAMES) + (list(model_lib.EXTRA_OUTPUTS) if architecture == "compact" else []),
+            "parameters": model.count_params(),
+        }
+        _fit(model, meta, prefetch, out_dir, name, steps, batch_size, time_budget_s, log)
+    finally:  # the sample workers end with the run, also when it fails
+        prefetch.close()
+    path = Path(out_dir) / f"{name}.keras"
+    export_after_training(path, log)
+    return path
+
+
+def _fit(model, meta, prefetch, out_dir, name, steps, batch_size, time_budget_s, log):
+    """Train in chunks until the step or time budget is spent, saving after every chunk."""
     start, done, losses = time.time(), 0, []
     while done < steps and time.time() - start < time_budget_s:
         n = min(CHUNK_STEPS, steps - done)
@@ -198,10 +209,6 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
                                 final_loss=float(np.mean(losses[-4:])))
         model_lib.save(model, meta, out_dir, name)
         log(f"step {done}/{steps} loss {np.mean(losses[-4:]):.5f} {time.time() - start:.0f}s")
-    prefetch.close()
-    path = Path(out_dir) / f"{name}.keras"
-    export_after_training(path, log)
-    return path
 
 
 def export_after_training(path: Path, log=print) -> Path:
