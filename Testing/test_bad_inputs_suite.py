@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, skip_or_fail
 from VertebralLabelingLib import DISC_NAMES
 from VertebralLabelingLib.errors import InputError, ModelError
 from VertebralLabelingLib.phantom import make_phantom
@@ -270,15 +270,30 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, ph
     assert blocker.read_text() == "keep me"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def _make_unwritable(folder: Path):
+    """Permission bits stop ordinary users; root (CI runs as root) ignores them, so for root the
+    folder is made immutable (chattr +i), which root cannot write into either."""
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return lambda: folder.chmod(0o755)
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True) \
+        if shutil.which("chattr") else None
+    if done is None or done.returncode != 0:
+        folder.chmod(0o755)
+        skip_or_fail("running as root and cannot make a folder immutable (chattr +i), so no folder "
+                     f"is unwritable here: {done.stderr.strip() if done else 'chattr not installed'}")
+    return lambda: (subprocess.run(["chattr", "-i", str(folder)], check=True), folder.chmod(0o755))
+
+
 def test_read_only_output_folder_is_refused(tmp_path, phantom):
     folder = tmp_path / "ro"
     folder.mkdir()
-    folder.chmod(0o555)
+    restore = _make_unwritable(folder)
     try:
         assert_refused(cli("label", phantom, "-o", folder / "x.mrk.json"), "not writable")
+        assert list(folder.iterdir()) == []
     finally:
-        folder.chmod(0o755)
+        restore()
 
 
 def test_full_disk_leaves_no_output_and_the_next_run_works(tmp_path, phantom):
