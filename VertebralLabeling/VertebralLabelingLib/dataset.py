@@ -196,7 +196,7 @@ def augmented_sample(subject: Subject, rng: np.random.Generator, shape=(192, 128
     basis = np.stack([row, col, normal], axis=1)
     targets[[DISC_VALUES.index(v) for v in values]] = to_slice_pixels(points, origin, basis, disp)
     inside = plane.inside.copy()
-    if not keep_all_discs and rng.random() < 0.3 * strength:  # smaller field of view
+    if not keep_all_discs and rng.random() < 0.45 * strength:  # smaller field of view
         cut = int(rng.uniform(0.15, 0.6) * shape[0])
         if rng.random() < 0.5:
             inside[:cut] = False
@@ -232,10 +232,13 @@ def _augment_intensity(image, inside, rng, strength):
     x = image
     if rng.random() < 0.8 * strength:
         x = np.clip(x, 0, None) ** np.exp(rng.uniform(-0.5, 0.5))
-    if rng.random() < 0.2 * strength:  # T1-like: fluid dark, but only inside the body (air stays dark)
+    # Contrast is what a new scan changes most (T1-like, odd protocols): the real subjects are all
+    # T2, so more than half of their samples get another contrast, lest fine-tuning on them undo
+    # the contrast-agnostic features the synthetic spines taught.
+    if rng.random() < 0.3 * strength:  # T1-like: fluid dark, but only inside the body (air stays dark)
         body = ndimage.gaussian_filter(x, 2.0) > rng.uniform(0.05, 0.12)
         x = np.where(body, np.clip(1.15 - x, 0, None), x * 0.3)
-    elif rng.random() < 0.25 * strength:  # any intensity curve, monotonic or not (SynthSeg-style)
+    elif rng.random() < 0.45 * strength:  # any intensity curve, monotonic or not (SynthSeg-style)
         knots = np.linspace(0, 1.5, int(rng.integers(4, 10)))
         values = rng.uniform(0, 1, len(knots))
         values[0] = rng.uniform(0, 0.1)
