@@ -369,8 +369,19 @@ def training_sample(image_u8, points, rng, strength=1.0, shape=INPUT_SHAPE):
     return warped, pts
 
 
-def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA):
-    """Heatmap (H/s, W/s, 1), offsets (H/s, W/s, 8) and regression mask (H/s, W/s, 1).
+#: The level head's target: (vertebra index - LEVEL_CENTRE) / LEVEL_CENTRE, so T1 = -1, L5 = +1.
+LEVEL_CENTRE = 8.0
+
+
+def level_of(value):
+    """Vertebra index (0 = T1 ... 16 = L5, continuous) from the level head's output."""
+    return np.asarray(value, float) * LEVEL_CENTRE + LEVEL_CENTRE
+
+
+def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA, with_level=False):
+    """Heatmap (H/s, W/s, 1), offsets (H/s, W/s, 8) and regression mask (H/s, W/s, 1), and with
+    ``with_level`` the level map (H/s, W/s, 1): each vertebra's index, scaled, in the same cells
+    as its offsets (read only where the mask is set).
 
     The heatmap has one Gaussian per vertebra centre (mean of its four corners).  Offsets are
     (corner - cell centre) / OFFSET_SCALE, x then y per corner TL, TR, BL, BR, written in the
@@ -380,11 +391,12 @@ def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA):
     heat = np.zeros((rows, cols), np.float32)
     offsets = np.zeros((rows, cols, 8), np.float32)
     mask = np.zeros((rows, cols), np.float32)
+    level = np.zeros((rows, cols), np.float32)
     corners = np.asarray(points, float).reshape(17, 4, 2)
     yy, xx = np.mgrid[0:rows, 0:cols]
     cell_x = (xx + 0.5) * stride - 0.5
     cell_y = (yy + 0.5) * stride - 0.5
-    for vertebra in corners:
+    for index, vertebra in enumerate(corners):
         centre = vertebra.mean(axis=0)
         cx, cy = (centre + 0.5) / stride - 0.5
         g = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))
@@ -400,6 +412,9 @@ def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA):
                     rel = (vertebra - [cell_x[y, x], cell_y[y, x]]) / OFFSET_SCALE
                     offsets[y, x] = rel.ravel()
                     mask[y, x] = weight
+                    level[y, x] = (index - LEVEL_CENTRE) / LEVEL_CENTRE
         if 0 <= ix < cols and 0 <= iy < rows:
             heat[iy, ix] = 1.0
+    if with_level:
+        return heat[..., None], offsets, mask[..., None], level[..., None]
     return heat[..., None], offsets, mask[..., None]

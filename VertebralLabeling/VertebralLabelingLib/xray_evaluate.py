@@ -38,6 +38,36 @@ def smape(pred, true) -> float:
     return 100.0 * float(np.sum(np.abs(pred - true))) / den if den > 0 else 0.0
 
 
+#: Whole-level shifts tried when matching a predicted chain to the true one (|shift| <= this).
+MAX_LEVEL_SHIFT = 4
+
+
+def vertebra_centres(points_px) -> np.ndarray:
+    """(17, 2) centre of each vertebra: the mean of its four corners (AASCE order)."""
+    return np.asarray(points_px, float).reshape(-1, 4, 2).mean(axis=1)
+
+
+def level_shift(pred_px, true_px, max_shift: int = MAX_LEVEL_SHIFT) -> int:
+    """The signed whole-level offset that best matches the predicted chain to the true one.
+
+    ``shift`` = k means predicted vertebra i lies on true vertebra i + k: 0 when every vertebra is
+    on its level, -1 when the chain sits one level cranially (the predicted T1 on C7, T2 on T1).
+    Each candidate k is scored by the mean centre distance over the vertebrae both chains share
+    (at least half of the chain), and the best one wins.
+    """
+    pred, true = vertebra_centres(pred_px), vertebra_centres(true_px)
+    n = len(true)
+    best, best_cost = 0, np.inf
+    for k in range(-max_shift, max_shift + 1):
+        i = np.arange(max(0, -k), min(n, n - k))  # predicted i <-> true i + k
+        if len(i) < n // 2:
+            continue
+        cost = float(np.linalg.norm(pred[i] - true[i + k], axis=1).mean())
+        if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and abs(k) < abs(best)):
+            best, best_cost = k, cost
+    return best
+
+
 def select(aset, split: str = "all", files=None) -> list:
     """Indices of the images to use: a names file, or the fixed split ('all', 'train', 'val')."""
     if files:
@@ -92,7 +122,7 @@ def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "v
     if not indices:
         raise InputError("No images selected.")
     labeler = XrayLabeler.load(model)
-    rows, seconds, errors, smapes, abs_err = [], [], [], [], []
+    rows, seconds, errors, smapes, abs_err, shifts = [], [], [], [], [], []
     for n, index in enumerate(indices):
         radiograph = read_radiograph(aset.image_path(index))
         start = time.perf_counter()
@@ -108,10 +138,14 @@ def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "v
         errors.append(float(err.mean()))
         smapes.append(s)
         abs_err.append(np.abs(pred - np.asarray(truth)))
+        shift = level_shift(result.points_px, true_px)
+        shifts.append(shift)
         rows.append({"image": aset.names[index], "smape": round(s, 3),
                      "angles_deg": [round(a, 2) for a in pred], "reference_deg": [float(a) for a in truth],
                      "landmark_mean_error_px": round(float(err.mean()), 2),
                      "min_confidence": round(float(result.confidence.min()), 3),
+                     "level_shift": shift, "level_flagged": bool(result.level_uncertain),
+                     "points_px": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points_px],
                      "seconds": round(seconds[-1], 3)})
         if log:
             log(f"[{n + 1}/{len(indices)}] {aset.names[index]}: SMAPE {s:.1f} %, corner error "
@@ -127,7 +161,22 @@ def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "v
         "mae_deg_all": float(abs_err.mean()),
         "landmark_mean_error_px": float(np.mean(errors)),
         "landmark_median_error_px": float(np.median(errors)),
+        "level_shift_rate": float(np.mean(np.array(shifts) != 0)),
+        **_level_flag_summary(rows),
         "seconds_per_case": float(np.median(seconds)),
         "model_parameters": int(labeler.meta.get("parameters", 0)),
         "images": rows,
+    }
+
+
+def _level_flag_summary(rows: list) -> dict:
+    """How well the "chain could be shifted" flag covers the images whose chain is shifted."""
+    shifted = np.array([r["level_shift"] != 0 for r in rows])
+    flagged = np.array([r["level_flagged"] for r in rows])
+    return {
+        "level_flag_rate": float(flagged.mean()),
+        # the promise "never silently on the wrong level", broken: shifted and not flagged
+        "level_shift_silent_rate": float((shifted & ~flagged).mean()),
+        "level_shift_caught": int((shifted & flagged).sum()),
+        "level_shift_missed": int((shifted & ~flagged).sum()),
     }

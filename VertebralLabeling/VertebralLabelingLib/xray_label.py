@@ -22,6 +22,9 @@ from .errors import InputError
 from .xray_data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
 
 N_VERTEBRAE = 17
+#: What the user reads when the chain could sit a whole level off.
+LEVEL_WARNING = ("the vertebral levels are not confirmed (the chain could be shifted by a level, e.g. "
+                 "T1 on C7): check T1 and L5 before naming end vertebrae")
 #: A vertebra whose centre peak is below this is flagged for review.
 REVIEW_THRESHOLD = 0.3
 
@@ -37,6 +40,8 @@ class XrayResult:
     radiograph: Radiograph
     seconds: float = 0.0
     warnings: list = field(default_factory=list)
+    #: True when the chain could sit a whole level off (see :func:`chain_could_shift`).
+    level_uncertain: bool = False
 
     @property
     def labels(self):
@@ -66,6 +71,68 @@ def _corners_at(heat, offsets, y, x):
     cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
     pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]
     return (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
+
+
+#: Cost of one level of disagreement between a candidate's level-head reading and the level it
+#: would get in the chain (a peak height is at most 1, so this outweighs a stronger wrong peak).
+LEVEL_WEIGHT = 1.0
+#: A chain whose vertebrae disagree with their level-head readings by more than this (median, in
+#: levels), or whose end vertebrae (T1, T2, L4, L5) do by more than LEVEL_END_TOLERANCE, could sit
+#: a whole level off: it is flagged for review.
+LEVEL_MEDIAN_TOLERANCE = 0.35
+LEVEL_END_TOLERANCE = 0.6
+
+
+@dataclass
+class Decoded:
+    """The decoded chain: corners (n*4, 2) in input pixels, peak heights (n,), and with a level
+    head each vertebra's level reading (n,) (None without it)."""
+
+    corners: np.ndarray
+    peaks: np.ndarray
+    levels: np.ndarray | None = None
+
+    def level_residuals(self) -> np.ndarray | None:
+        return None if self.levels is None else self.levels - np.arange(len(self.levels))
+
+    def could_shift(self) -> bool:
+        """True when the chain's levels are not confirmed by the level head (see the tolerances)."""
+        r = self.level_residuals()
+        if r is None:
+            return False
+        ends = np.abs(r[[0, 1, -2, -1]])
+        return bool(abs(np.median(r)) > LEVEL_MEDIAN_TOLERANCE or ends.max() > LEVEL_END_TOLERANCE)
+
+
+def _level_at(level: np.ndarray, heat: np.ndarray, y: int, x: int) -> float:
+    """The level head's reading (vertebra index, 0 = T1) around a peak, heat-weighted over 3 x 3."""
+    h, w = heat.shape
+    y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
+    weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
+    return float(xray_data.level_of((level[y0:y1, x0:x1] * weights).sum() / weights.sum()))
+
+
+def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: int = N_VERTEBRAE,
+                  nms: int = 3, chain: float = 0.0) -> Decoded:
+    """Like :func:`decode`, but each candidate also carries its level reading and the chain is
+    chosen jointly on peak height, regular spacing and agreement with the levels: vertebra m of the
+    chain pays ``LEVEL_WEIGHT * |level - m|``.  So a strong peak on C7 does not become "T1" when
+    the level head places it above T1, and a chain can start at the true T1 even if it is weaker.
+    """
+    from scipy import ndimage
+
+    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
+    ys, xs = np.nonzero(local_max)
+    if len(ys) < n:
+        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
+    keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]
+    ys, xs = ys[keep], xs[keep]
+    cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+    order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
+    ys, xs, cand = ys[order], xs[order], cand[order]
+    levels = np.array([_level_at(level, heat, y, x) for y, x in zip(ys, xs)])
+    chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels)
+    return Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])
 
 
 def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int = 3,
@@ -102,8 +169,9 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int
     return corners[top_down].reshape(-1, 2), heat[ys, xs][top_down]
 
 
-def _chain(centres, scores, n, weight):
-    """Indices of ``n`` candidates (sorted top-down) forming the best-scoring regular chain."""
+def _chain(centres, scores, n, weight, levels=None):
+    """Indices of ``n`` candidates (sorted top-down) forming the best-scoring regular chain
+    (with ``levels``, candidate i as vertebra m also pays ``LEVEL_WEIGHT * |levels[i] - m|``)."""
     k = len(centres)
     strongest = np.sort(np.argsort(-scores, kind="stable")[:n])
     pitch = max(float(np.median(np.linalg.norm(np.diff(centres[strongest], axis=0), axis=1))), 1e-3)
@@ -115,11 +183,14 @@ def _chain(centres, scores, n, weight):
     cost = np.where(valid, cost, np.inf)
     best = np.full((n, k), -np.inf)
     back = np.zeros((n, k), int)
-    best[0] = scores
+    def unary(m):
+        return scores if levels is None else scores - LEVEL_WEIGHT * np.abs(levels - m)
+
+    best[0] = unary(0)
     for m in range(1, n):
         total = best[m - 1][:, None] - cost  # [j, i]
         back[m] = np.argmax(total, axis=0)
-        best[m] = total[back[m], np.arange(k)] + scores
+        best[m] = total[back[m], np.arange(k)] + unary(m)
     end = int(np.argmax(best[n - 1]))
     if not np.isfinite(best[n - 1, end]):  # no regular chain: fall back to the strongest peaks
         return strongest
@@ -176,9 +247,10 @@ class XrayLabeler:
         return cls(*load(name_or_path))
 
     def _network(self, batch: np.ndarray):
-        """(heatmap, offsets) for a batch (n, h, w, 1): the model's two outputs in Keras order."""
-        heat, offsets = self.model.run(np.ascontiguousarray(batch, dtype=np.float32))
-        return heat, offsets
+        """(heatmap, offsets, level or None) for a batch (n, h, w, 1), in Keras output order
+        (models without the level head give None)."""
+        outputs = self.model.run(np.ascontiguousarray(batch, dtype=np.float32))
+        return outputs[0], outputs[1], (outputs[2] if len(outputs) > 2 else None)
 
     def predict_input(self, image: np.ndarray):
         """Corners (68, 2) and peaks (17,) in input pixels of one prepared input image.
@@ -188,20 +260,31 @@ class XrayLabeler:
         corners swapped).  With ``tilt_smoothing`` > 0 each vertebra's tilt is pulled towards
         its neighbours' (see :func:`smooth_tilts`).
         """
+        decoded = self.decode_input(image)
+        return decoded.corners, decoded.peaks
+
+    def decode_input(self, image: np.ndarray) -> Decoded:
+        """The decoded chain of one prepared input image (see :meth:`predict_input`)."""
         batch = image[None, ..., None].astype(np.float32)
         if self.flip:
             batch = np.concatenate([batch, batch[:, :, ::-1]])
-        heat, offsets = self._network(batch)
+        heat, offsets, level = self._network(batch)
         h, o = heat[0, ..., 0], offsets[0]
+        lv = None if level is None else level[0, ..., 0]
         if self.flip:
             hf, of = heat[1, :, ::-1, 0], offsets[1, :, ::-1].reshape(o.shape[:2] + (4, 2)).copy()
             of[..., 0] *= -1.0
             of = of[:, :, [1, 0, 3, 2]].reshape(o.shape)
             h, o = (h + hf) / 2, (o + of) / 2
-        corners, peaks = decode(h, o, nms=self.nms, chain=self.chain)
+            if lv is not None:
+                lv = (lv + level[1, :, ::-1, 0]) / 2
+        if lv is None:
+            decoded = Decoded(*decode(h, o, nms=self.nms, chain=self.chain))
+        else:
+            decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain)
         if self.tilt_smoothing > 0:
-            corners = smooth_tilts(corners, self.tilt_smoothing)
-        return corners, peaks
+            decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
+        return decoded
 
     def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
         start = time.perf_counter()
@@ -210,12 +293,15 @@ class XrayLabeler:
         image, matrix = xray_data.prepare_input(radiograph, self.shape)
         if progress:
             progress(0.4, "Running the landmark network")
-        corners, peaks = self.predict_input(image)
-        points_px = xray_data.apply(matrix, corners)
+        decoded = self.decode_input(image)
+        points_px = xray_data.apply(matrix, decoded.corners)
         points = radiograph.pixel_to_physical(points_px)
         if progress:
             progress(0.9, "Computing Cobb angles")
-        result = XrayResult(points_px, points, peaks, cobb_from_points(points_px, radiograph), radiograph)
+        result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph,
+                            level_uncertain=decoded.could_shift())
+        if result.level_uncertain:
+            result.warnings.append(LEVEL_WARNING)
         low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]
         if len(low) > 3:
             result.warnings.append(f"{len(low)} vertebrae found with low confidence ({', '.join(low)}); "

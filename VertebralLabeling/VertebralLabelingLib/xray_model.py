@@ -6,7 +6,10 @@ input resolution,
 
 * ``heatmap`` (1 channel): one Gaussian peak per vertebra centre;
 * ``offsets`` (8 channels): the four corners (TL, TR, BL, BR; x, y) relative to each cell,
-  in units of ``xray_data.OFFSET_SCALE`` input pixels.
+  in units of ``xray_data.OFFSET_SCALE`` input pixels;
+* ``level`` (1 channel, models from v0.2 on): which vertebra (T1 ... L5) a centre cell belongs
+  to, regressed from the whole view (ribs, pelvis), so the chain is decoded on its levels and
+  not only as "the 17 strongest peaks" (see ``xray_label.decode``).
 
 At inference the 17 strongest heatmap peaks, sorted from top to bottom, are T1..L5 and each
 reads its four corners from the offsets (see ``xray_label``).  The encoder goes down to 1/32
@@ -29,19 +32,24 @@ TASK = "xray-vertebral-corners"
 DEFAULT_MODEL = "xray-compact"
 
 
-def build(width: float = 1.0):
-    """The landmark network (~1 M parameters at width 1)."""
+#: Output channels of the two model generations: centre heatmap + offsets (+ level).
+OUTPUT_CHANNELS = ([1, 8], [1, 8, 1])
+
+
+def build(width: float = 1.0, level_head: bool = True):
+    """The landmark network (~1.4 M parameters at width 1)."""
     keras = model_lib._keras()
     layers = keras.layers
 
     def ch(n):
         return max(8, int(round(n * width)))
 
-    def conv(x, filters, stride=1, dilation=1, kernel=3):
+    def conv(x, filters, stride=1, dilation=1, kernel=3, name=None):
+        names = (f"{name}_conv", f"{name}_bn", f"{name}_relu") if name else (None, None, None)
         x = layers.Conv2D(ch(filters), kernel, strides=stride, padding="same",
-                          dilation_rate=dilation, use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        return layers.ReLU()(x)
+                          dilation_rate=dilation, use_bias=False, name=names[0])(x)
+        x = layers.BatchNormalization(name=names[1])(x)
+        return layers.ReLU(name=names[2])(x)
 
     def block(x, filters, stride):
         y = conv(x, filters, stride=stride)
@@ -72,7 +80,33 @@ def build(width: float = 1.0):
                          bias_initializer=keras.initializers.Constant(-2.19))(h)
     o = conv(y, 32)
     offsets = layers.Conv2D(8, 1, name="offsets")(o)
-    return keras.Model(inputs, [heat, offsets], name="xray_compact")
+    if not level_head:
+        return keras.Model(inputs, [heat, offsets], name="xray_compact")
+    context = layers.UpSampling2D(8, interpolation="bilinear", name="level_context")(x32)
+    lv = conv(layers.Concatenate(name="level_concat")([y, context]), 32, name="level_branch")
+    level = layers.Conv2D(1, 1, name="level")(lv)
+    return keras.Model(inputs, [heat, offsets, level], name="xray_compact")
+
+
+def copy_shared_weights(source, target) -> int:
+    """Copy the weights of ``source`` into the same layers of ``target``, which may add the level
+    head (layers named ``level*``), so a model without it can be continued; returns the number of
+    layers copied.  Layers are paired in graph order (the shared part is built by the same code);
+    any shape mismatch is refused rather than silently skipped.
+    """
+    shared = [layer for layer in target.layers if not layer.name.startswith("level")]
+    if len(shared) != len(source.layers):
+        raise ModelError(f"cannot continue from {source.name}: {len(source.layers)} layers, "
+                         f"expected {len(shared)}")
+    copied = 0
+    for old, new in zip(source.layers, shared):
+        weights = old.get_weights()
+        if [w.shape for w in weights] != [tuple(v.shape) for v in new.weights]:
+            raise ModelError(f"cannot continue from {source.name}: layer {old.name} does not match {new.name}")
+        if weights:
+            new.set_weights(weights)
+            copied += 1
+    return copied
 
 
 def save(model, meta: dict, out_dir, name: str = DEFAULT_MODEL) -> Path:
@@ -99,8 +133,8 @@ def load(name_or_path=DEFAULT_MODEL):
         return None
 
     network, meta = model_lib.load_with_metadata(path, is_xray_model)
-    if network.output_channels != [1, 8]:
-        raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets).")
+    if network.output_channels not in OUTPUT_CHANNELS:
+        raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets [+ level]).")
     return network, meta
 
 

@@ -34,6 +34,10 @@ def focal_loss(tf, target, pred):
     return (tf.reduce_sum(pos_loss) + tf.reduce_sum(neg_loss)) / n_pos
 
 
+#: Weight of the level head's L1 loss (its target spans [-1, 1]; one level = 1/8).
+LEVEL_LOSS_WEIGHT = 2.0
+
+
 def offset_loss(tf, target, pred, mask):
     l1 = tf.reduce_sum(tf.abs(target - pred), axis=-1, keepdims=True) * mask
     return tf.reduce_sum(l1) / tf.maximum(tf.reduce_sum(mask), 1.0)
@@ -52,15 +56,16 @@ class _Batches:
 
     def _make(self):
         idx = self.rng.choice(len(self.images), self.batch_size, replace=False)
-        xs, hs, os_, ms = [], [], [], []
+        xs, hs, os_, ms, ls = [], [], [], [], []
         for i in idx:
             image, pts = xray_data.training_sample(self.images[i], self.points[i], self.rng)
-            heat, off, mask = xray_data.targets(pts)
+            heat, off, mask, level = xray_data.targets(pts, with_level=True)
             xs.append(image[..., None])
             hs.append(heat)
             os_.append(off)
             ms.append(mask)
-        return tuple(np.stack(a).astype(np.float32) for a in (xs, hs, os_, ms))
+            ls.append(level)
+        return tuple(np.stack(a).astype(np.float32) for a in (xs, hs, os_, ms, ls))
 
     def _run(self):
         while not self.stop:
@@ -127,19 +132,21 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     previous = None
     if init:  # continue from a saved model (a second cosine cycle)
         start_model, previous = xray_model.load_keras(init)
-        model.set_weights(start_model.get_weights())
+        copied = xray_model.copy_shared_weights(start_model, model)
+        log(f"{copied} layers copied from {init}" + ("" if len(start_model.outputs) == 3 else
+                                                       "; the level head starts fresh"))
         log(f"initialised from {init} ({previous.get('steps')} steps)")
     n_params = xray_model.model_lib.count_parameters(model)
     log(f"model {xray_model.ARCHITECTURE}: {n_params} parameters")
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
 
     @tf.function
-    def step(x, heat, off, mask, lr):
+    def step(x, heat, off, mask, level, lr):
         optimizer.learning_rate.assign(lr)
         with tf.GradientTape() as tape:
-            ph, po = model(x, training=True)
+            ph, po, pl = model(x, training=True)
             lh = focal_loss(tf, heat, ph)
-            lo = offset_loss(tf, off, po, mask)
+            lo = offset_loss(tf, off, po, mask) + LEVEL_LOSS_WEIGHT * offset_loss(tf, level, pl, mask)
             loss = lh + lo
         grads = tape.gradient(loss, model.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, 5.0)
@@ -176,14 +183,14 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
                 break
             warm = min(1.0, (s + 1) / 100)
             lr = learning_rate * warm * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * progress)))
-            x, heat, off, mask = batches.get()
-            lh, lo = step(x, heat, off, mask, np.float32(lr))
+            x, heat, off, mask, level = batches.get()
+            lh, lo = step(x, heat, off, mask, level, np.float32(lr))
             lh, lo = float(lh), float(lo)
             lh_avg = lh if lh_avg is None else 0.98 * lh_avg + 0.02 * lh
             lo_avg = lo if lo_avg is None else 0.98 * lo_avg + 0.02 * lo
             s += 1
             if s % 50 == 0:
-                log(f"step {s} ({elapsed / 60:.1f} min) lr {lr:.2e} heat {lh_avg:.3f} offsets {lo_avg:.4f}")
+                log(f"step {s} ({elapsed / 60:.1f} min) lr {lr:.2e} heat {lh_avg:.3f} offsets+level {lo_avg:.4f}")
             if time.time() - last_ckpt > checkpoint_minutes * 60:
                 smape, err = validate(model, v_images, v_points, v_sizes, max_images=24)
                 history.append({"step": s, "minutes": round(elapsed / 60, 1), "val24_smape": round(smape, 2),
