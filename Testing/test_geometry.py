@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from VertebralLabelingLib.midsagittal import Midline, estimate_midline, extract_midsagittal
-from VertebralLabelingLib.phantom import make_phantom
-from VertebralLabelingLib.volume import Volume, load_volume
+from VertebralLabelingLib.mri.midsagittal import Midline, estimate_midline, extract_midsagittal
+from VertebralLabelingLib.mri.phantom import make_phantom
+from VertebralLabelingLib.mri.volume import Volume, load_volume
 
 AXIS_ORDERS = ["RAS", "LPS", "PSR", "PIR", "ASL", "LIP"]
 
@@ -119,7 +119,7 @@ def test_dicom_series_folder(tmp_path, phantom):
 def test_trilinear_sampling_matches_scipy():
     from scipy import ndimage
 
-    from VertebralLabelingLib.volume import trilinear
+    from VertebralLabelingLib.mri.volume import trilinear
 
     rng = np.random.default_rng(0)
     array = rng.random((17, 9, 5)).astype(np.float32)
@@ -136,7 +136,7 @@ def test_trilinear_reads_c_ordered_arrays_and_the_transposed_view_from_sitk():
     trilinear must give map_coordinates' values for that layout and for a C-ordered array."""
     from scipy import ndimage
 
-    from VertebralLabelingLib.volume import trilinear
+    from VertebralLabelingLib.mri.volume import trilinear
 
     rng = np.random.default_rng(3)
     array = rng.random((9, 7, 5)).astype(np.float32)

@@ -15,10 +15,10 @@ import SimpleITK as sitk
 from conftest import REPO
 from study_common import SUBJECTS, batch, fold_model, run_cli
 from VertebralLabelingLib import DISC_NAMES
-from VertebralLabelingLib.dataset import read_disc_labels
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.export import read_markups_json
-from VertebralLabelingLib.study import TABLE_COLUMNS, find_items, parse_shard, read_json, shard_from_env
+from VertebralLabelingLib.mri.export import read_markups_json
+from VertebralLabelingLib.mri.training.dataset import read_disc_labels
+from VertebralLabelingLib.study.batch import TABLE_COLUMNS, find_items, parse_shard, read_json, shard_from_env
 
 
 def anat(deriv, sub):
@@ -181,7 +181,7 @@ def test_threads_in_one_process_give_the_points_of_one_at_a_time(study, tmp_path
 
 def test_stopping_the_threaded_batch_drops_the_queued_images(tmp_path, mri_bids):
     """Ctrl-C (the consumer stops): the running image finishes, the queued ones are not labeled."""
-    from VertebralLabelingLib import study as study_lib
+    from VertebralLabelingLib.study import batch as study_lib
 
     items = find_items(mri_bids)
     study_lib._init_worker(fold_model(), 1)
@@ -250,7 +250,7 @@ def test_slurm_array_script_labels_disjoint_shards(tmp_path, mri_bids):
 def test_progress_bar_shows_rate_and_eta():
     import io
 
-    from VertebralLabelingLib.study import Progress
+    from VertebralLabelingLib.study.batch import Progress
 
     stream = io.StringIO()
     bar = Progress(4, stream, width=8)

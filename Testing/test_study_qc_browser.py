@@ -163,7 +163,7 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
 def test_served_page_saves_into_the_derivative(study, browser):
     from selenium.webdriver.common.by import By
 
-    from VertebralLabelingLib.qc_report import make_server
+    from VertebralLabelingLib.study.qc_report import make_server
 
     target = study / "qc" / "qc.json"
     if target.exists():
@@ -190,7 +190,7 @@ def test_server_writes_only_valid_qc_json(study):
     import urllib.error
     import urllib.request
 
-    from VertebralLabelingLib.qc_report import make_server
+    from VertebralLabelingLib.study.qc_report import make_server
 
     server = make_server(study, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

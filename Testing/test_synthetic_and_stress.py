@@ -8,12 +8,12 @@ import pytest
 import SimpleITK as sitk
 
 from VertebralLabelingLib import DISC_NAMES
-from VertebralLabelingLib import synthetic_spine as synth
-from VertebralLabelingLib.dataset import read_disc_labels
-from VertebralLabelingLib.evaluate import _summary, is_wrong
-from VertebralLabelingLib.labeling import DiscPoint, LevelCount, check_level_by_count, count_from_c2
-from VertebralLabelingLib.midsagittal import SagittalSlice
-from VertebralLabelingLib.stress import make_variant
+from VertebralLabelingLib.mri import synthetic_spine as synth
+from VertebralLabelingLib.mri.evaluate import _summary, is_wrong
+from VertebralLabelingLib.mri.labeling import DiscPoint, LevelCount, check_level_by_count, count_from_c2
+from VertebralLabelingLib.mri.midsagittal import SagittalSlice
+from VertebralLabelingLib.mri.stress import make_variant
+from VertebralLabelingLib.mri.training.dataset import read_disc_labels
 
 
 # -- generator ---------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _labeled_subject(mri_bids, sub="sub-errsm20"):
 def test_field_of_view_variants_drop_the_discs_out_of_view(mri_bids, tmp_path, kind, dropped):
     image, discs = _labeled_subject(mri_bids)
     cropped, _ = make_variant(image, discs, kind)
-    from VertebralLabelingLib.stress import labels_in_grid
+    from VertebralLabelingLib.mri.stress import labels_in_grid
 
     sitk.WriteImage(labels_in_grid(discs, cropped), str(tmp_path / "l.nii.gz"))
     kept = read_disc_labels(tmp_path / "l.nii.gz", values=range(1, 26))
@@ -208,7 +208,7 @@ def test_thick_slices_resample_left_right(mri_bids):
 @pytest.mark.slow
 def test_stress_command_writes_an_evaluable_dataset(mri_bids, tmp_path):
     from VertebralLabelingLib.cli import main
-    from VertebralLabelingLib.dataset import find_bids_pairs
+    from VertebralLabelingLib.mri.training.dataset import find_bids_pairs
 
     assert main(["stress", "--bids", str(mri_bids), "--out", str(tmp_path), "--variants", "fov-c3", "dark"]) == 0
     for variant in ("fov-c3", "dark"):
@@ -223,9 +223,9 @@ def test_demo_synthetic_volume_is_labeled_by_the_shipped_model(tmp_path):
     """`phantom --synthetic` (the demo's default input) round-trips through a file, and the
     shipped model puts every disc within 3 mm of its known posterior tip (sagittal plane)."""
     from VertebralLabelingLib.cli import main
-    from VertebralLabelingLib.labeling import DiscLabeler
-    from VertebralLabelingLib.synthetic_spine import synthetic_volume
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.labeling import DiscLabeler
+    from VertebralLabelingLib.mri.synthetic_spine import synthetic_volume
+    from VertebralLabelingLib.mri.volume import load_volume
 
     path = tmp_path / "demo.nii.gz"
     assert main(["phantom", str(path), "--synthetic"]) == 0

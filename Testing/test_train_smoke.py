@@ -5,8 +5,8 @@ import json
 import pytest
 
 from VertebralLabelingLib.cli import main
-from VertebralLabelingLib.labeling import DiscLabeler
-from VertebralLabelingLib.phantom import make_phantom
+from VertebralLabelingLib.mri.labeling import DiscLabeler
+from VertebralLabelingLib.mri.phantom import make_phantom
 
 
 @pytest.mark.slow

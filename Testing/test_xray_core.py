@@ -11,11 +11,13 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import require_module, require_path
-from VertebralLabelingLib import cli, xray_data, xray_export
-from VertebralLabelingLib.cobb import cobb_angles
-from VertebralLabelingLib.dataset import data_root
+from VertebralLabelingLib import cli
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.xray_label import cobb_from_points, decode
+from VertebralLabelingLib.mri.training.dataset import data_root
+from VertebralLabelingLib.xray import data as xray_data
+from VertebralLabelingLib.xray import export as xray_export
+from VertebralLabelingLib.xray.cobb import cobb_angles
+from VertebralLabelingLib.xray.label import cobb_from_points, decode
 
 SCHEMA = Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
 
@@ -281,7 +283,7 @@ def mirrored(points, width=xray_data.INPUT_SHAPE[1]):
 
 
 def test_flip_averaging_maps_the_mirrored_output_back():
-    from VertebralLabelingLib.xray_label import XrayLabeler
+    from VertebralLabelingLib.xray.label import XrayLabeler
 
     pts = spine_points(np.linspace(-8, 10, 17), centre_x=150, top=50, pitch=32,
                        lateral=15 * np.sin(np.linspace(0, 3, 17)))
@@ -300,7 +302,7 @@ def test_flip_averaging_maps_the_mirrored_output_back():
 
 
 def test_tilt_smoothing():
-    from VertebralLabelingLib.xray_label import smooth_tilts, vertebra_tilts
+    from VertebralLabelingLib.xray.label import smooth_tilts, vertebra_tilts
 
     straight = spine_points()
     np.testing.assert_allclose(smooth_tilts(straight, 0.5), straight, atol=1e-9)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from VertebralLabelingLib import cli
-from VertebralLabelingLib.xray_label import XrayLabeler
+from VertebralLabelingLib.xray.label import XrayLabeler
 
 
 def synthetic_aasce(root, n=6, seed=0):

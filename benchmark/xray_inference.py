@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
-from VertebralLabelingLib import xray_data  # noqa: E402
-from VertebralLabelingLib.dataset import data_root  # noqa: E402
-from VertebralLabelingLib.xray_label import XrayLabeler  # noqa: E402
+from VertebralLabelingLib.mri.training.dataset import data_root  # noqa: E402
+from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray.label import XrayLabeler  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DISC_NAME_BY_VALUE, DISC_VALUES
-from .dataset import find_bids_pairs, read_disc_labels
+from .. import DISC_NAME_BY_VALUE, DISC_VALUES
 from .labeling import DiscLabeler
+from .training.dataset import find_bids_pairs, read_disc_labels
 from .volume import load_volume
 
 IDENTIFICATION_RADIUS_MM = 8.0

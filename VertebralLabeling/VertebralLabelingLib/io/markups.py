@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DISC_NAMES, DISC_VALUES
-from .errors import InputError
+from .. import DISC_NAMES, DISC_VALUES
+from ..errors import InputError
 
 #: Larger markups files are refused unread (six points take about 4 kB).
 MAX_MARKUPS_BYTES = 1_000_000

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DISC_NAMES
-from .errors import ModelError
+from .. import DISC_NAMES
+from ..errors import ModelError
 
 #: Heatmap output stride of the compact network (input pixels per output cell).
 COMPACT_STRIDE = 2
@@ -48,7 +48,7 @@ def models_dir() -> Path:
     env = os.environ.get("VERTEBRAL_LABELING_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models"
 
 
 def _keras():

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
+from ..errors import InputError
 from .cobb import cobb_angles
-from .errors import InputError
-from .xray_data import load_aasce, read_names_file, read_radiograph, split_names
-from .xray_export import ANGLE_COLUMNS
+from .data import load_aasce, read_names_file, read_radiograph, split_names
+from .export import ANGLE_COLUMNS
 
 
 def _image_size(path):
@@ -83,7 +83,7 @@ def cobb_from_ground_truth(images_dir, labels_dir, split: str = "all", files=Non
 
 def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "val", files=None,
                    limit: int | None = None, log=None) -> dict:
-    from .xray_label import XrayLabeler
+    from .label import XrayLabeler
 
     aset = load_aasce(images_dir, labels_dir)
     indices = select(aset, split, files)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError, VertebralLabelingError
+from ..errors import InputError, VertebralLabelingError
 
 
 def _add_label(sub):
@@ -53,7 +53,7 @@ def _add_evaluate(sub):
 
 
 def _add_train(sub):
-    from .dataset import data_root
+    from ..mri.training.dataset import data_root
 
     p = sub.add_parser("train", help="train the disc networks")
     p.add_argument("--bids", help="BIDS dataset with derivatives/labels disc labels "
@@ -124,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
 def _extension_registrars():
     """Subcommand groups kept in their own modules (X-ray, study workflow), imported lazily."""
     registrars = []
-    for module_name in ("cli_xray", "cli_study"):
+    for module_name in ("xray", "study"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as error:
@@ -136,10 +136,10 @@ def _extension_registrars():
 
 
 def cmd_label(args):
-    from . import export
-    from .labeling import DiscLabeler
-    from .outputs import check_outputs, write_all
-    from .volume import load_volume
+    from ..io.outputs import check_outputs, write_all
+    from ..mri import export
+    from ..mri.labeling import DiscLabeler
+    from ..mri.volume import load_volume
 
     if not args.output.endswith(".mrk.json"):
         raise InputError("The output file name must end with .mrk.json")
@@ -167,12 +167,12 @@ def cmd_label(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate, fold_models
+    from ..mri.evaluate import evaluate, fold_models
 
     folds = fold_models(args.fold_dir) if args.fold_dir else {}
     metrics = evaluate(args.bids, model=args.model, model_for_subject=folds, subjects=args.subjects,
                        log=lambda m: print(m, file=sys.stderr))
-    from .volume import write_atomic_bytes
+    from ..mri.volume import write_atomic_bytes
 
     write_atomic_bytes(args.json, (json.dumps(metrics, indent=2) + "\n").encode())
     keys = ("n_subjects", "n_discs", "mean_error_mm", "median_error_mm", "mean_error_sagittal_mm",
@@ -183,7 +183,7 @@ def cmd_evaluate(args):
 
 
 def cmd_train(args):
-    from .train import train
+    from ..mri.training.train import train
 
     exclude = list(args.exclude)
     if not 0.0 <= args.synthetic <= 1.0:
@@ -191,7 +191,7 @@ def cmd_train(args):
     if not args.bids and args.synthetic < 1.0:
         raise InputError("--bids is required unless --synthetic 1 (synthetic data only).")
     if args.subjects:
-        from .dataset import find_bids_pairs
+        from ..mri.training.dataset import find_bids_pairs
 
         wanted = {s if s.startswith("sub-") else f"sub-{s}" for s in args.subjects}
         everyone = {sub for sub, _, _ in find_bids_pairs(args.bids, args.contrast)}
@@ -213,15 +213,15 @@ def cmd_train(args):
 
 
 def cmd_export_onnx(args):
-    from .onnx_export import run
+    from ..io.onnx_export import run
 
     return run(args.models)
 
 
 def cmd_phantom(args):
-    from .phantom import make_phantom
-    from .synthetic_spine import synthetic_volume
-    from .volume import write_image_atomic
+    from ..mri.phantom import make_phantom
+    from ..mri.synthetic_spine import synthetic_volume
+    from ..mri.volume import write_image_atomic
 
     if args.synthetic:
         volume, discs = synthetic_volume(seed=args.seed, family=args.synthetic)
@@ -234,7 +234,7 @@ def cmd_phantom(args):
 
 
 def cmd_stress(args):
-    from .stress import VARIANTS, write_stress_dataset
+    from ..mri.stress import VARIANTS, write_stress_dataset
 
     if not Path(args.bids).is_dir():
         raise InputError(f"BIDS folder not found: {args.bids}")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import DISC_VALUES
+from .. import DISC_VALUES
 from .augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
 from .midsagittal import normalize_intensity
 
@@ -49,7 +49,7 @@ CONTRASTS = {
 
 def _default_geometry_file() -> Path:
     root = os.environ.get("VERTEBRAL_LABELING_DATA")
-    base = Path(root) if root else Path(__file__).resolve().parents[3] / "shared" / "data"
+    base = Path(root) if root else Path(__file__).resolve().parents[4] / "shared" / "data"
     return base / "disc-geometry" / "disc_coords_gt.csv"
 
 

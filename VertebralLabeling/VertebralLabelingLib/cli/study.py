@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def register(sub) -> None:
@@ -74,7 +74,7 @@ def register(sub) -> None:
 
 
 def _shard(text):
-    from .study import parse_shard, shard_from_env
+    from ..study.batch import parse_shard, shard_from_env
 
     if text == "slurm":
         shard = shard_from_env()
@@ -100,8 +100,8 @@ def _exit_on_sigterm() -> None:
 
 
 def cmd_batch(args) -> int:
-    from .study import run_batch
-    from .volume import write_atomic_bytes
+    from ..mri.volume import write_atomic_bytes
+    from ..study.batch import run_batch
 
     shard = _shard(args.shard)
     _exit_on_sigterm()
@@ -119,8 +119,8 @@ def cmd_batch(args) -> int:
 
 
 def cmd_study_report(args) -> int:
-    from .qc_report import write_report
-    from .study import default_derivative, remove_stale_temporaries, write_table
+    from ..study.batch import default_derivative, remove_stale_temporaries, write_table
+    from ..study.qc_report import write_report
 
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
     remove_stale_temporaries(deriv)
@@ -131,13 +131,13 @@ def cmd_study_report(args) -> int:
 
 
 def cmd_qc_serve(args) -> int:
-    from .qc_report import serve
+    from ..study.qc_report import serve
 
     return serve(args.deriv, args.host, args.port, allow_remote=args.allow_remote)
 
 
 def cmd_import_corrections(args) -> int:
-    from .corrections import import_corrections
+    from ..study.corrections import import_corrections
 
     deriv = Path(args.deriv)
     if not deriv.is_dir():
@@ -146,7 +146,7 @@ def cmd_import_corrections(args) -> int:
     if out is None:
         bids = args.bids
         if bids is None:
-            from .study import study_entries
+            from ..study.batch import study_entries
 
             item, _ = study_entries(deriv, None, args.contrast)[0]
             bids = item.image.parents[len(item.rel_dir.parts)]

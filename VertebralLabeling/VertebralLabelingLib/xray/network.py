@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import models as model_lib
-from .errors import ModelError
+from ..errors import ModelError
+from ..io import models as model_lib
 
 ARCHITECTURE = "xray-compact"
 TASK = "xray-vertebral-corners"

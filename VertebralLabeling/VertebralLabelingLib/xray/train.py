@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, xray_data, xray_model
+from .. import __version__
+from . import data as xray_data
+from . import network as xray_model
 
 
 def focal_loss(tf, target, pred):
@@ -81,7 +83,7 @@ class _Batches:
 def validate(model, images, points, sizes, max_images=None):
     """Quick validation on cached inputs: SMAPE (%) and mean corner error in original pixels."""
     from .cobb import cobb_angles
-    from .xray_label import XrayLabeler
+    from .label import XrayLabeler
 
     labeler = XrayLabeler(model, {"input_shape": list(xray_data.INPUT_SHAPE)})
     n = len(images) if max_images is None else min(max_images, len(images))
@@ -202,7 +204,7 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     out_path = xray_model.save(model, dict(meta, steps=s, history=history,
                                            train_minutes=round(elapsed / 60, 1)), out_dir, name)
     (Path(out_dir) / f"{name}.history.json").write_text(json.dumps(history, indent=2) + "\n")
-    from .train import export_after_training
+    from ..mri.training.train import export_after_training
 
     export_after_training(out_path, log)
     return out_path

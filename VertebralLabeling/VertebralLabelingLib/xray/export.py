@@ -14,11 +14,11 @@ import json
 
 import numpy as np
 
+from ..errors import InputError
+from ..mri.export import control_point, markups_document, read_control_points
+from ..mri.volume import write_atomic_bytes
 from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES, CobbResult
-from .errors import InputError
-from .export import control_point, markups_document, read_control_points
-from .volume import write_atomic_bytes
-from .xray_data import POINT_LABELS
+from .data import POINT_LABELS
 
 #: Column names of angles.csv in the AASCE reference order (the names the challenge uses).
 ANGLE_COLUMNS = ("PT", "MT", "TL/L")
@@ -102,7 +102,7 @@ def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 
     """PIL picture: the radiograph, the 17 vertebra outlines, the end-vertebra lines and angles."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .xray_data import normalize
+    from .data import normalize
 
     try:
         font = ImageFont.load_default(size=max(11, height // 60))

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import xray_data
+from ..errors import InputError
+from . import data as xray_data
 from .cobb import CobbResult, cobb_angles
-from .errors import InputError
-from .xray_data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
+from .data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
 
 N_VERTEBRAE = 17
 #: A vertebra whose centre peak is below this is flagged for review.
@@ -159,7 +159,7 @@ class XrayLabeler:
     """A loaded landmark model; ``label(radiograph)`` runs the whole pipeline."""
 
     def __init__(self, model, meta: dict):
-        from . import models as model_lib
+        from ..io import models as model_lib
 
         self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
         self.meta = meta
@@ -171,7 +171,7 @@ class XrayLabeler:
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
-        from .xray_model import load
+        from .network import load
 
         return cls(*load(name_or_path))
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..errors import InputError
 from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES
-from .errors import InputError
 
 #: Network input (rows, cols).  A ~850 x 2400 radiograph becomes about 230 x 640.
 INPUT_SHAPE = (640, 320)
@@ -134,7 +134,7 @@ MAX_XRAY_PIXELS = 50_000_000
 
 def check_header_2d(size, spacing, origin, direction) -> None:
     """Radiograph limits from the header alone (see :func:`volume.check_geometry`)."""
-    from .volume import check_geometry
+    from ..mri.volume import check_geometry
 
     check_geometry(size, spacing, origin, direction, max_side=MAX_XRAY_SIDE,
                    max_voxels=MAX_XRAY_PIXELS, what="image", spacing_range=(1e-3, 100.0),
@@ -143,7 +143,7 @@ def check_header_2d(size, spacing, origin, direction) -> None:
 
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read any 2D image SimpleITK opens (JPEG, PNG, DICOM file or folder, NRRD, ...)."""
-    from .volume import read_image
+    from ..mri.volume import read_image
 
     path = Path(path)
     image = read_image(path, check=check_header_2d)  # InputError for missing / unreadable / too big

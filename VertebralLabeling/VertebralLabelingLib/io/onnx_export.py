@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelError
+from ..mri.volume import write_atomic_bytes
 from . import models as model_lib
-from .errors import ModelError
-from .volume import write_atomic_bytes
 
 #: ONNX opset of the export (ONNX Runtime >= 1.17 runs it).
 OPSET = 17

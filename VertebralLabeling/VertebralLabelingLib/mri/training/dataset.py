@@ -19,17 +19,17 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import DISC_VALUES
-from .augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
-from .errors import InputError
-from .midsagittal import normalize_intensity, sample_plane
-from .phantom import make_phantom
-from .volume import Volume, load_volume, read_image
+from ... import DISC_VALUES
+from ...errors import InputError
+from ..augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
+from ..midsagittal import normalize_intensity, sample_plane
+from ..phantom import make_phantom
+from ..volume import Volume, load_volume, read_image
 
 #: Every disc below C2 that a label file may hold (C2/C3 = 3 ... L5/S1 = 25): the level-agnostic
 #: disc detector learns from all of them.
 ALL_DISC_VALUES = tuple(range(3, 26))
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[5] / "shared" / "data"
 
 
 def data_root() -> Path:
@@ -102,7 +102,7 @@ def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None,
     ``labels``: see ``find_bids_pairs``.  ``qc``: a qc.json of the study page; images marked
     *fail* there are left out unless their label is a human correction (its sidecar says so).
     """
-    from .study import read_qc_marks
+    from ...study.batch import read_qc_marks
 
     marks = read_qc_marks(qc) if qc else {}
     if qc and not Path(qc).exists():
@@ -112,7 +112,7 @@ def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None,
         if label is None or sub in exclude:
             continue
         if marks.get(image.name.split(".nii")[0]) == "fail":
-            from .corrections import label_is_human
+            from ...study.corrections import label_is_human
 
             if not label_is_human(label):
                 if log:
@@ -298,7 +298,7 @@ class SampleMixer:
             image, targets = negative_sample(self.rng, shape)
             return image, targets, SampleExtras(np.zeros((0, 2)), (-np.inf, np.inf), np.full(2, np.nan))
         if item == "synthetic":
-            from .synthetic_spine import render_sample
+            from ..synthetic_spine import render_sample
 
             sample = render_sample(self.rng, shape)
             if keep_all_discs and np.isnan(sample.levels).any():

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DISC_NAMES, DISC_VALUES, __version__
-from . import models as model_lib
+from ... import DISC_NAMES, DISC_VALUES, __version__
+from ...io import models as model_lib
 from .dataset import SampleMixer, data_root, heatmap_targets, load_bids_subjects, load_pam50, make_phantom_subjects
 
 TRAIN_SHAPE = (192, 128)
@@ -217,8 +217,8 @@ def export_after_training(path: Path, log=print) -> Path:
     Only once, at the end: an export takes seconds, checkpoints are for resuming and stay Keras.
     A failed export keeps the .keras and says how to retry.
     """
-    from .errors import ModelError
-    from .onnx_export import export_onnx
+    from ...errors import ModelError
+    from ...io.onnx_export import export_onnx
 
     try:
         onnx_path = export_onnx(path)

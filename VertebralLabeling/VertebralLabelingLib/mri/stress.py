@@ -18,8 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .dataset import find_bids_pairs, read_disc_labels
-from .errors import InputError
+from ..errors import InputError
+from .training.dataset import find_bids_pairs, read_disc_labels
 from .volume import LPS_TO_RAS, write_atomic_bytes, write_image_atomic
 
 VARIANTS = ("dark", "t1like", "remap", "fov-c2", "fov-c3", "fov-end-c5", "thick3", "thick4", "noise")

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DISC_NAMES, DISC_VALUES, __version__
-from .errors import InputError
-from .export import markups_dict
-from .study import (
+from .. import DISC_NAMES, DISC_VALUES, __version__
+from ..errors import InputError
+from ..mri.export import markups_dict
+from ..mri.volume import write_atomic_bytes
+from .batch import (
     SUFFIX_CORRECTED,
     SUFFIX_DLABEL,
     SUFFIX_MARKUPS,
@@ -35,7 +36,6 @@ from .study import (
     study_entries,
     write_json,
 )
-from .volume import write_atomic_bytes
 
 CORRECTED_KEY = "VertebralLabeling"
 SOURCE_HUMAN = "human-corrected"
@@ -81,8 +81,8 @@ def discs_from_markups(path, geometry=None) -> list:
     disc labels at most, finite, in cranio-caudal order, inside the image when ``geometry`` is
     given); otherwise InputError says why, and the caller rejects that one image.
     """
-    from .labeling import DiscPoint
-    from .markups_check import read_disc_points
+    from ..io.markups import read_disc_points
+    from ..mri.labeling import DiscPoint
 
     return [DiscPoint(_VALUE_BY_NAME[label], label, np.asarray(ras, float), 1.0)
             for label, ras in read_disc_points(path, geometry)]
@@ -116,9 +116,9 @@ def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, acce
     read is rejected for that image only: logged with the reason, appended to ``rejected`` as
     ``(key, reason)``, and the other images are still imported.
     """
-    from .export import write_disc_label_nifti
-    from .markups_check import geometry_of
-    from .volume import load_volume
+    from ..io.markups import geometry_of
+    from ..mri.export import write_disc_label_nifti
+    from ..mri.volume import load_volume
 
     deriv, out = Path(deriv), Path(out)
     marks = read_qc_marks(qc_file or default_qc_file(deriv))

@@ -42,9 +42,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import DISC_NAMES, DISC_VALUES, __version__
-from .errors import InputError
-from .volume import write_atomic_bytes
+from .. import DISC_NAMES, DISC_VALUES, __version__
+from ..errors import InputError
+from ..mri.volume import write_atomic_bytes
 
 PIPELINE = "vertebral-labeling"
 DEFAULT_DERIVATIVE = Path("derivatives") / PIPELINE
@@ -231,7 +231,7 @@ def write_dataset_description(deriv, bids=None) -> None:
 def model_identity(model) -> dict:
     """Name, version and content hash of a model (bundled name, .onnx or .keras path); the hash
     is of the file that runs (a bundled name's .onnx), so a re-export redoes the study."""
-    from .models import resolve_model_path
+    from ..io.models import resolve_model_path
 
     path = resolve_model_path(model)
     meta = read_json(path.with_suffix(".json"), {}) or {}
@@ -389,7 +389,7 @@ def _init_worker(model, threads, parent=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only for a user's .keras model
     if parent is not None:
         die_with_parent(parent)
-    from .labeling import DiscLabeler
+    from ..mri.labeling import DiscLabeler
 
     _WORKER["labeler"] = DiscLabeler.load(model, threads=threads)
 
@@ -439,9 +439,9 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
     all-or-nothing.  A run killed in between leaves ``started``, so the next run labels the
     item again instead of taking its outputs for a person's files and skipping it for good.
     """
-    from . import export
-    from .outputs import write_all
-    from .volume import load_volume
+    from ..io.outputs import write_all
+    from ..mri import export
+    from ..mri.volume import load_volume
 
     deriv = Path(deriv)
     start = time.perf_counter()
@@ -476,7 +476,7 @@ def label_item(item: Item, deriv, model_version: str, bids=None) -> dict:
                       geometry={"shape": [int(n) for n in volume.array.shape],
                                 "ijk_to_ras": [[float(v) for v in row] for row in volume.ijk_to_ras]})
     except Exception as error:  # one image's failure never stops the study
-        from .errors import VertebralLabelingError
+        from ..errors import VertebralLabelingError
 
         record.update(status="failed", error=f"{type(error).__name__}: {error}".splitlines()[0])
         if not isinstance(error, VertebralLabelingError):
@@ -600,8 +600,8 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
     items = find_items(bids, contrast, subjects, shard)
     identity = model_identity(model)
     if identity["sha256_12"] == "missing":
-        from .errors import ModelError
-        from .models import resolve_model_path
+        from ..errors import ModelError
+        from ..io.models import resolve_model_path
 
         raise ModelError(f"Model file not found: {resolve_model_path(model)}")
     try:
@@ -655,7 +655,7 @@ def run_batch(bids, deriv=None, model="compact", workers: int = 1, contrast: str
                                            initargs=(model, per_process, os.getpid()))
                 _warm_pool(pool, min(workers, len(todo)))  # start-up + model loading untimed
             except BrokenProcessPool as error:
-                from .errors import ModelError
+                from ..errors import ModelError
 
                 pool.shutdown(cancel_futures=True)
                 raise ModelError(f"The worker processes could not start or load the model "
@@ -739,7 +739,7 @@ def corrected_discs(item: Item, deriv, record=None):
     Validated (markups format and anatomy, see ``markups_check``; inside the image when the
     record holds its geometry): InputError with the reason when the correction is unusable.
     """
-    from .markups_check import read_disc_points
+    from ..io.markups import read_disc_points
 
     path = item.path(deriv, SUFFIX_CORRECTED)
     if not path.exists():

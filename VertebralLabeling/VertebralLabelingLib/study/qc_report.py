@@ -28,8 +28,8 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from .study import SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file, read_json, read_qc_marks, study_entries
-from .volume import write_atomic_bytes
+from ..mri.volume import write_atomic_bytes
+from .batch import SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file, read_json, read_qc_marks, study_entries
 
 THUMB_HEIGHT = 360
 
@@ -130,7 +130,7 @@ def make_server(deriv, host="127.0.0.1", port=8765, allow_remote=False, token=No
     import secrets
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from .errors import InputError
+    from ..errors import InputError
 
     qc_dir = Path(deriv) / "qc"
     if not (qc_dir / "index.html").exists():

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 from .midsagittal import normalize_intensity
 from .volume import Volume, write_atomic_bytes, write_image_atomic
 
@@ -68,7 +68,7 @@ def write_markups_json(discs, path, locked: bool = False) -> None:
 def read_control_points(path) -> list:
     """Control points of a .mrk.json as dicts with ``label``, ``lps`` (3,), ``description`` and
     ``status`` (Slicer's positionStatus); a file in RAS is converted.  InputError if unreadable."""
-    from .markups_check import check_markups_format, load_markups_document
+    from ..io.markups import check_markups_format, load_markups_document
 
     try:
         data = load_markups_document(path)  # size-bounded, no NaN/Infinity tokens

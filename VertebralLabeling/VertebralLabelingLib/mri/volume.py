@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError
+from ..errors import InputError
 
 #: ITK stores physical points in LPS; RAS = LPS_TO_RAS @ LPS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import DISC_NAMES, DISC_VALUES
-from . import models as model_lib
-from .errors import InputError
+from .. import DISC_NAMES, DISC_VALUES
+from ..errors import InputError
+from ..io import models as model_lib
 from .midsagittal import (
     YAW_SEARCH_DEG,
     Midline,

@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def register(sub) -> None:
-    from .dataset import data_root
+    from ..mri.training.dataset import data_root
 
     xray = sub.add_parser("xray", help="AP spine X-ray: vertebral corners (T1-L5) and Cobb angles")
     xsub = xray.add_subparsers(dest="xray_command", required=True)
@@ -79,21 +79,21 @@ def _refuse_existing(paths, overwrite):
 
 
 def _write_json(path, data):
-    from .volume import write_atomic_bytes
+    from ..mri.volume import write_atomic_bytes
 
     write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def cmd_label(args) -> int:
-    from . import xray_export
-    from .xray_data import read_radiograph
-    from .xray_label import XrayLabeler, XrayResult, cobb_from_physical
+    from ..xray import export as xray_export
+    from ..xray.data import read_radiograph
+    from ..xray.label import XrayLabeler, XrayResult, cobb_from_physical
 
     if args.output and not args.output.endswith(".mrk.json"):
         raise InputError("The output file name must end with .mrk.json")
     if not any((args.output, args.json, args.csv, args.qc)):
         raise InputError("Nothing to write: give -o OUT.mrk.json and/or --json, --csv, --qc.")
-    from .outputs import check_outputs, write_all
+    from ..io.outputs import check_outputs, write_all
 
     check_outputs([("-o", args.output), ("--json", args.json), ("--csv", args.csv), ("--qc", args.qc)],
                   inputs=[args.input, args.markups], overwrite=args.overwrite)
@@ -135,7 +135,7 @@ def cmd_label(args) -> int:
 
 
 def cmd_cobb(args) -> int:
-    from .xray_evaluate import cobb_from_ground_truth
+    from ..xray.evaluate import cobb_from_ground_truth
 
     _refuse_existing([args.json], args.overwrite)
     summary = cobb_from_ground_truth(args.images, args.labels, args.split, args.files,
@@ -146,7 +146,7 @@ def cmd_cobb(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .xray_evaluate import evaluate_model
+    from ..xray.evaluate import evaluate_model
 
     _refuse_existing([args.json], args.overwrite)
     metrics = evaluate_model(args.images, args.labels, args.model, args.split, args.files,
@@ -157,7 +157,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .xray_train import train
+    from ..xray.train import train
 
     command = "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,

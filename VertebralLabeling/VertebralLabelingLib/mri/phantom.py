@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import DISC_VALUES
+from .. import DISC_VALUES
 from .volume import Volume
 
 BODY, DISC, NUCLEUS, CSF, CORD, SOFT, FAT, BONE = 0.42, 0.62, 0.8, 1.0, 0.45, 0.2, 0.55, 0.06
