@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "VertebralLabeling"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from VertebralLabelingLib.mri.training.dataset import data_root  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
 
 #: Fixtures that hand out the shared data folder: a test using one reads real data.
 REAL_DATA_FIXTURES = {"mri_bids", "pam50_dir", "aasce"}

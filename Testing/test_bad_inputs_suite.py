@@ -232,7 +232,7 @@ def test_xray_png_size_bomb_is_refused(tmp_path):
 
 
 def test_symlink_loop_in_bids_lists_each_image_once(tmp_path, phantom):
-    from VertebralLabelingLib.study.batch import find_items
+    from VertebralLabelingLib.study.bids import find_items
 
     anat = tmp_path / "bids" / "sub-01" / "anat"
     anat.mkdir(parents=True)
@@ -314,7 +314,7 @@ def test_full_disk_leaves_no_output_and_the_next_run_works(tmp_path, phantom):
 def test_model_with_wrong_shapes_is_refused(tmp_path):
     import keras
 
-    from VertebralLabelingLib.io import models
+    from VertebralLabelingLib.mri import networks as models
 
     inputs = keras.Input((None, None, 1))
     wrong_out = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
@@ -574,7 +574,8 @@ def _phantom_bids(root: Path, phantom: Path, n: int) -> Path:
 
 def test_interrupted_item_is_redone_and_stale_temporaries_removed(tmp_path, phantom, monkeypatch):
     from VertebralLabelingLib.io import outputs
-    from VertebralLabelingLib.study.batch import SUFFIX_RECORD, run_batch
+    from VertebralLabelingLib.study.batch import run_batch
+    from VertebralLabelingLib.study.bids import SUFFIX_RECORD
 
     bids = _phantom_bids(tmp_path, phantom, 1)
     deriv = tmp_path / "deriv"

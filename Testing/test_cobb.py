@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import require_path
-from VertebralLabelingLib.mri.training.dataset import data_root
+from VertebralLabelingLib.io.files import data_root
 from VertebralLabelingLib.xray.cobb import CORNER_NAMES, VERTEBRA_NAMES, cobb_angles
 
 #: Largest |ours - angles.csv| measured over the 481 x 3 AASCE angles was 0.014 deg (rounding in

@@ -12,15 +12,10 @@ import pytest
 from study_common import SUBJECTS, batch, person_correction, run_cli
 from VertebralLabelingLib import DISC_NAME_BY_VALUE
 from VertebralLabelingLib.errors import InputError
+from VertebralLabelingLib.io.files import label_is_human, sha256_file, write_json
 from VertebralLabelingLib.mri.labeling import DiscPoint
 from VertebralLabelingLib.mri.training.dataset import load_bids_subjects, read_disc_labels
-from VertebralLabelingLib.study.batch import sha256_file, write_json
-from VertebralLabelingLib.study.corrections import (
-    corrected_path,
-    is_human_corrected,
-    label_is_human,
-    save_corrected,
-)
+from VertebralLabelingLib.study.corrections import corrected_path, is_human_corrected, save_corrected
 
 
 def rows(deriv):

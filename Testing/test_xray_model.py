@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from conftest import require_path
 from VertebralLabelingLib import cli
 from VertebralLabelingLib.errors import ModelError
-from VertebralLabelingLib.mri.training.dataset import data_root
+from VertebralLabelingLib.io.files import data_root
+from VertebralLabelingLib.xray import aasce as aasce_lib
 from VertebralLabelingLib.xray import data as xray_data
 from VertebralLabelingLib.xray.evaluate import smape
 
@@ -45,8 +46,8 @@ def xray_labeler():
 
 @pytest.fixture(scope="module")
 def validation(aasce):
-    aset = xray_data.load_aasce(data_dir=aasce)
-    _, val = xray_data.split_names(aset.names)
+    aset = aasce_lib.load_aasce(data_dir=aasce)
+    _, val = aasce_lib.split_names(aset.names)
     return aset, aset.indices_of(val[:N_IMAGES])
 
 

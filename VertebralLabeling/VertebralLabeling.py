@@ -344,7 +344,7 @@ class VertebralLabelingLogic(SpineModuleLogic):
     # -- study review ----------------------------------------------------------------------
     def openStudy(self, derivDir) -> list:
         """Read a batch derivative folder; returns the keys of its images (nothing loaded yet)."""
-        from VertebralLabelingLib.study.batch import study_entries
+        from VertebralLabelingLib.study.table import study_entries
 
         entries = study_entries(derivDir)
         self.closeStudyItem()
@@ -482,8 +482,8 @@ class VertebralLabelingTest(SpineModuleTest):
         import tempfile
         from pathlib import Path
 
+        from VertebralLabelingLib.io.images import write_image_atomic
         from VertebralLabelingLib.mri.phantom import make_phantom
-        from VertebralLabelingLib.mri.volume import write_image_atomic
         from VertebralLabelingLib.study.batch import run_batch
 
         self.delayDisplay("Study review on a two-phantom study")

@@ -20,9 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from VertebralLabelingLib.io import models  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.mri import networks as models  # noqa: E402
 from VertebralLabelingLib.mri.labeling import DiscLabeler  # noqa: E402
-from VertebralLabelingLib.mri.training.dataset import data_root, find_bids_pairs  # noqa: E402
+from VertebralLabelingLib.mri.training.dataset import find_bids_pairs  # noqa: E402
 from VertebralLabelingLib.mri.volume import load_volume  # noqa: E402
 
 

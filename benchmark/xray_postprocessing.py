@@ -16,7 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
-from VertebralLabelingLib.mri.training.dataset import data_root  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import smape  # noqa: E402
 from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points, smooth_tilts  # noqa: E402
@@ -52,8 +53,8 @@ def main():
     parser.add_argument("--train-images", type=int, default=80)
     parser.add_argument("--json")
     args = parser.parse_args()
-    aset = xray_data.load_aasce(data_dir=data_root() / "xray-aasce")
-    train, val = xray_data.split_names(aset.names)
+    aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
+    train, val = aasce.split_names(aset.names)
     rng = np.random.default_rng(0)
     train_idx = sorted(rng.choice(aset.indices_of(train), args.train_images, replace=False).tolist())
     labeler = XrayLabeler.load(args.model)

@@ -252,7 +252,7 @@ def load_study_item(scene, item, deriv):
     reviewer changed anything since.
     """
     from VertebralLabelingLib.mri.volume import load_volume
-    from VertebralLabelingLib.study.batch import SUFFIX_CORRECTED, SUFFIX_MARKUPS
+    from VertebralLabelingLib.study.bids import SUFFIX_CORRECTED, SUFFIX_MARKUPS
 
     corrected = item.path(deriv, SUFFIX_CORRECTED)
     source_path = corrected if corrected.exists() else item.path(deriv, SUFFIX_MARKUPS)
@@ -275,7 +275,7 @@ def save_study_correction(node, item, deriv):
 
     Afterwards the node counts as unedited again (its points are saved).
     """
-    from VertebralLabelingLib.study.batch import SUFFIX_CORRECTED
+    from VertebralLabelingLib.study.bids import SUFFIX_CORRECTED
     from VertebralLabelingLib.study.corrections import save_corrected
 
     discs = discs_from_node(node)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,8 +32,6 @@ def _add_label(sub):
 
 def finite_float(text: str) -> float:
     """argparse type: a finite number (``float`` alone takes 'nan' and 'inf')."""
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -53,7 +52,7 @@ def _add_evaluate(sub):
 
 
 def _add_train(sub):
-    from ..mri.training.dataset import data_root
+    from ..io.files import data_root
 
     p = sub.add_parser("train", help="train the disc networks")
     p.add_argument("--bids", help="BIDS dataset with derivatives/labels disc labels "
@@ -172,7 +171,7 @@ def cmd_evaluate(args):
     folds = fold_models(args.fold_dir) if args.fold_dir else {}
     metrics = evaluate(args.bids, model=args.model, model_for_subject=folds, subjects=args.subjects,
                        log=lambda m: print(m, file=sys.stderr))
-    from ..mri.volume import write_atomic_bytes
+    from ..io.files import write_atomic_bytes
 
     write_atomic_bytes(args.json, (json.dumps(metrics, indent=2) + "\n").encode())
     keys = ("n_subjects", "n_discs", "mean_error_mm", "median_error_mm", "mean_error_sagittal_mm",
@@ -219,9 +218,9 @@ def cmd_export_onnx(args):
 
 
 def cmd_phantom(args):
+    from ..io.images import write_image_atomic
     from ..mri.phantom import make_phantom
-    from ..mri.synthetic_spine import synthetic_volume
-    from ..mri.volume import write_image_atomic
+    from ..mri.synthetic_samples import synthetic_volume
 
     if args.synthetic:
         volume, discs = synthetic_volume(seed=args.seed, family=args.synthetic)

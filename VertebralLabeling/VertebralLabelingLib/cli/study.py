@@ -6,6 +6,7 @@ Registered by ``cli.parser()`` through ``register(sub)``.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def register(sub) -> None:
 
 
 def _shard(text):
-    from ..study.batch import parse_shard, shard_from_env
+    from ..study.plan import parse_shard, shard_from_env
 
     if text == "slurm":
         shard = shard_from_env()
@@ -88,8 +89,6 @@ def _shard(text):
 def _exit_on_sigterm() -> None:
     """SIGTERM (kill, SLURM time limit) ends the batch like Ctrl+C: temporaries are removed and
     the workers are stopped on the way out, instead of the process vanishing mid-write."""
-    import signal
-
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
@@ -100,7 +99,7 @@ def _exit_on_sigterm() -> None:
 
 
 def cmd_batch(args) -> int:
-    from ..mri.volume import write_atomic_bytes
+    from ..io.files import write_atomic_bytes
     from ..study.batch import run_batch
 
     shard = _shard(args.shard)
@@ -119,8 +118,10 @@ def cmd_batch(args) -> int:
 
 
 def cmd_study_report(args) -> int:
-    from ..study.batch import default_derivative, remove_stale_temporaries, write_table
+    from ..study.bids import default_derivative
+    from ..study.plan import remove_stale_temporaries
     from ..study.qc_report import write_report
+    from ..study.table import write_table
 
     deriv = Path(args.out) if args.out else default_derivative(args.bids)
     remove_stale_temporaries(deriv)
@@ -146,7 +147,7 @@ def cmd_import_corrections(args) -> int:
     if out is None:
         bids = args.bids
         if bids is None:
-            from ..study.batch import study_entries
+            from ..study.table import study_entries
 
             item, _ = study_entries(deriv, None, args.contrast)[0]
             bids = item.image.parents[len(item.rel_dir.parts)]

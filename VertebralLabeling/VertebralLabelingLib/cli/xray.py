@@ -12,11 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 
 
 def register(sub) -> None:
-    from ..mri.training.dataset import data_root
+    from ..io.files import data_root
 
     xray = sub.add_parser("xray", help="AP spine X-ray: vertebral corners (T1-L5) and Cobb angles")
     xsub = xray.add_subparsers(dest="xray_command", required=True)
@@ -79,7 +81,7 @@ def _refuse_existing(paths, overwrite):
 
 
 def _write_json(path, data):
-    from ..mri.volume import write_atomic_bytes
+    from ..io.files import write_atomic_bytes
 
     write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -99,8 +101,6 @@ def cmd_label(args) -> int:
                   inputs=[args.input, args.markups], overwrite=args.overwrite)
     radiograph = read_radiograph(args.input)
     if args.markups:
-        import numpy as np
-
         points = xray_export.read_markups_json(args.markups)
         result = XrayResult(radiograph.physical_to_pixel(points), points, np.ones(17),
                             cobb_from_physical(points, radiograph), radiograph)

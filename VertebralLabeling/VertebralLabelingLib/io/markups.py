@@ -1,4 +1,5 @@
-"""Validating a disc markups file a person edited, before it is trusted as a label.
+"""Slicer markups files: writing a point list, reading its control points, and validating a disc
+markups file a person edited, before it is trusted as a label.
 
 A corrected ``.mrk.json`` feeds the study table and, through ``import-corrections``, training;
 a damaged or hostile one must be refused for that one image (with the reason), never turned
@@ -34,6 +35,8 @@ MAX_COORDINATE_MM = 1.0e4
 #: How far (voxels) a point may lie outside the image before it is refused.
 INSIDE_MARGIN_VOXELS = 0.5
 
+MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+                  "Resources/Schema/markups-schema-v1.0.3.json#")
 MARKUP_TYPES = ("Fiducial", "Line", "Angle", "Curve", "ClosedCurve", "Plane", "ROI")
 _VALUE_BY_NAME = dict(zip(DISC_NAMES, DISC_VALUES))
 
@@ -158,3 +161,49 @@ def read_disc_points(path, geometry=None) -> list:
 def geometry_of(volume) -> dict:
     """The ``geometry`` argument of :func:`read_disc_points` for a loaded Volume."""
     return {"shape": list(volume.array.shape), "ijk_to_ras": volume.ijk_to_ras.tolist()}
+
+
+def control_point(label: str, lps, description: str, flagged: bool) -> dict:
+    """One labeled LPS control point; flagged points are left unselected so they stand out."""
+    return {
+        "label": label, "description": description, "associatedNodeID": "",
+        "position": [float(v) for v in lps],
+        "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+        "selected": not flagged, "visibility": True, "positionStatus": "defined",
+    }
+
+
+def markups_document(points: list, locked: bool = False) -> dict:
+    """A fixed-size LPS point list (schema v1.0.3) around ``control_point`` dicts (MRI and X-ray)."""
+    numbered = [dict(point, id=str(index), locked=locked) for index, point in enumerate(points, 1)]
+    return {
+        "@schema": MARKUPS_SCHEMA,
+        "markups": [{
+            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+            "locked": locked, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
+            "lastUsedControlPointNumber": len(numbered), "controlPoints": numbered,
+            "measurements": [],
+        }],
+    }
+
+
+def read_control_points(path) -> list:
+    """Control points of a .mrk.json as dicts with ``label``, ``lps`` (3,), ``description`` and
+    ``status`` (Slicer's positionStatus); a file in RAS is converted.  InputError if unreadable."""
+    try:
+        data = load_markups_document(path)  # size-bounded, no NaN/Infinity tokens
+        check_markups_format(data)  # a controlPoints object or a list label: InputError, not a crash
+        markup = data["markups"][0]
+        flip = np.array([1.0, 1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "LPS" \
+            else np.array([-1.0, -1.0, 1.0])
+        points = []
+        for point in markup.get("controlPoints", []):
+            status = point.get("positionStatus", "defined")
+            # An unplaced point may come without a position; a placed one must have it.
+            has_position = status == "defined" or "position" in point
+            lps = np.array([float(v) for v in point["position"]]) * flip if has_position else None
+            points.append({"label": point.get("label", ""), "lps": lps,
+                           "description": point.get("description", ""), "status": status})
+        return points
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, InputError) as error:
+        raise InputError(f"Cannot read markups file {path}: {error}") from error

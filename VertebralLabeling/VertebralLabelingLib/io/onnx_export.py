@@ -20,8 +20,8 @@ This module imports TensorFlow (through Keras): it belongs to the training side.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from ..mri.volume import write_atomic_bytes
 from . import models as model_lib
+from .files import sha256_file, write_atomic_bytes
 
 #: ONNX opset of the export (ONNX Runtime >= 1.17 runs it).
 OPSET = 17
@@ -65,10 +65,6 @@ def _dynamic_upsampling():
         yield
     finally:
         UpSampling2D._resize_images = original
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _versions() -> dict:
@@ -147,8 +143,17 @@ def export_onnx(keras_path, onnx_path=None, tolerance: float = TOLERANCE) -> Pat
     finally:
         if tmp.exists():
             tmp.unlink()
+    meta["onnx"] = _onnx_record(session, names, order, onnx_path, keras_path, max(diffs), x.shape)
+    meta.setdefault("parameters", int(model.count_params()))
+    # Beside the .onnx (the same NAME.json as the .keras file's when they sit together).
+    write_atomic_bytes(onnx_path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    return onnx_path
+
+
+def _onnx_record(session, names, order, onnx_path: Path, keras_path: Path, max_diff: float, check_shape) -> dict:
+    """The ``onnx`` entry of NAME.json: file, input and outputs, opset, hashes and the check."""
     shapes = {o.name: o.shape for o in session.get_outputs()}
-    meta["onnx"] = {
+    return {
         "file": onnx_path.name,
         "input_name": session.get_inputs()[0].name,
         "input_shape": [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape],
@@ -156,15 +161,26 @@ def export_onnx(keras_path, onnx_path=None, tolerance: float = TOLERANCE) -> Pat
                     for i in order],
         "opset": OPSET,
         "exported_from": keras_path.name,
-        "keras_sha256": _sha256(keras_path),
-        "onnx_sha256": _sha256(onnx_path),
-        "check_max_abs_diff": float(f"{max(diffs):.3g}"),
-        "check_input_shape": list(x.shape),
+        "keras_sha256": sha256_file(keras_path),
+        "onnx_sha256": sha256_file(onnx_path),
+        "check_max_abs_diff": float(f"{max_diff:.3g}"),
+        "check_input_shape": list(check_shape),
         "versions": _versions(),
     }
-    meta.setdefault("parameters", int(model.count_params()))
-    # Beside the .onnx (the same NAME.json as the .keras file's when they sit together).
-    write_atomic_bytes(onnx_path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def export_after_training(path: Path, log=print) -> Path:
+    """Write NAME.onnx beside the trained NAME.keras (what label, batch and Slicer run).
+
+    Only once, at the end: an export takes seconds, checkpoints are for resuming and stay Keras.
+    A failed export keeps the .keras and says how to retry.
+    """
+    try:
+        onnx_path = export_onnx(path)
+    except ModelError as error:
+        raise ModelError(f"{path} was saved, but its ONNX export failed ({error}); retry with "
+                         f"`vertebral-labeling export-onnx {path}`.") from error
+    log(f"exported {onnx_path}")
     return onnx_path
 
 
@@ -187,8 +203,6 @@ def _match_outputs(keras_out, ort_out):
 
 
 def main(argv=None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m VertebralLabelingLib.onnx_export",
                                      description="export .keras models to .onnx beside them")
     parser.add_argument("models", nargs="+", help=".keras files (NAME.json beside each)")

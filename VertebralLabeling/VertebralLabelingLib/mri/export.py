@@ -12,13 +12,15 @@ import json
 
 import numpy as np
 import SimpleITK as sitk
+from PIL import Image, ImageDraw
 
 from ..errors import InputError
+from ..io.files import write_atomic_bytes
+from ..io.images import write_image_atomic
+from ..io.markups import control_point, markups_document, read_control_points
 from .midsagittal import normalize_intensity
-from .volume import Volume, write_atomic_bytes, write_image_atomic
+from .volume import Volume
 
-MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
-                  "Resources/Schema/markups-schema-v1.0.3.json#")
 CSV_COLUMNS = ("disc", "value", "R", "A", "S", "confidence", "flagged", "reason")
 
 
@@ -37,56 +39,8 @@ def markups_dict(discs, locked: bool = False) -> dict:
     return markups_document(points, locked)
 
 
-def control_point(label: str, lps, description: str, flagged: bool) -> dict:
-    """One labeled LPS control point; flagged points are left unselected so they stand out."""
-    return {
-        "label": label, "description": description, "associatedNodeID": "",
-        "position": [float(v) for v in lps],
-        "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-        "selected": not flagged, "visibility": True, "positionStatus": "defined",
-    }
-
-
-def markups_document(points: list, locked: bool = False) -> dict:
-    """A fixed-size LPS point list (schema v1.0.3) around ``control_point`` dicts (MRI and X-ray)."""
-    numbered = [dict(point, id=str(index), locked=locked) for index, point in enumerate(points, 1)]
-    return {
-        "@schema": MARKUPS_SCHEMA,
-        "markups": [{
-            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
-            "locked": locked, "fixedNumberOfControlPoints": True, "labelFormat": "%N-%d",
-            "lastUsedControlPointNumber": len(numbered), "controlPoints": numbered,
-            "measurements": [],
-        }],
-    }
-
-
 def write_markups_json(discs, path, locked: bool = False) -> None:
     write_atomic_bytes(path, (json.dumps(markups_dict(discs, locked), indent=2) + "\n").encode())
-
-
-def read_control_points(path) -> list:
-    """Control points of a .mrk.json as dicts with ``label``, ``lps`` (3,), ``description`` and
-    ``status`` (Slicer's positionStatus); a file in RAS is converted.  InputError if unreadable."""
-    from ..io.markups import check_markups_format, load_markups_document
-
-    try:
-        data = load_markups_document(path)  # size-bounded, no NaN/Infinity tokens
-        check_markups_format(data)  # a controlPoints object or a list label: InputError, not a crash
-        markup = data["markups"][0]
-        flip = np.array([1.0, 1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "LPS" \
-            else np.array([-1.0, -1.0, 1.0])
-        points = []
-        for point in markup.get("controlPoints", []):
-            status = point.get("positionStatus", "defined")
-            # An unplaced point may come without a position; a placed one must have it.
-            has_position = status == "defined" or "position" in point
-            lps = np.array([float(v) for v in point["position"]]) * flip if has_position else None
-            points.append({"label": point.get("label", ""), "lps": lps,
-                           "description": point.get("description", ""), "status": status})
-        return points
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, InputError) as error:
-        raise InputError(f"Cannot read markups file {path}: {error}") from error
 
 
 def read_markups_json(path):
@@ -129,8 +83,6 @@ def write_disc_label_nifti(discs, reference: Volume, path) -> None:
 
 def qc_image(result, scale: int = 2):
     """The midsagittal slice with the labeled discs drawn on it (PIL image)."""
-    from PIL import Image, ImageDraw
-
     plane = result.slice
     gray = np.clip(normalize_intensity(plane.image, plane.inside) * 200, 0, 255).astype(np.uint8)
     image = Image.fromarray(gray).convert("RGB")

@@ -64,9 +64,29 @@ def make_phantom(seed: int = 0, shape=(64, 150, 230), randomize: bool = True,
     post = (a < ca - canal_r - 1) & (a > ca - canal_r - 30) & (np.abs(r) < 10) & (s < top)
     vol[post & (vol == SOFT)] = FAT
 
+    heights = [2.2 * body_h] + [body_h * u(0.9, 1.1) for _ in range(8)]  # C2 (with dens) .. T2
+    discs = _add_levels(vol, (r, a, s), top, heights, centre_a, (depth, width, disc_h))
+    if noise:
+        vol += rng.normal(0, noise, size=shape).astype(np.float32)
+    vol = np.clip(vol, 0, None)
+
+    # Array indices are centred coordinates + half size: RAS = index - centre.
+    matrix = np.eye(4)
+    matrix[:3, 3] = -(np.array(shape) - 1) / 2
+    discs = {v: p for v, p in discs.items() if v in DISC_VALUES or v == 9}
+    # The lateral shift/tilt were applied to centred S coordinates; express points in RAS.
+    for point in discs.values():
+        point[0] = lateral_shift + lateral_tilt * point[2]
+    return Volume(array=vol, ijk_to_ras=matrix, name=f"phantom{seed}"), discs
+
+
+def _add_levels(vol, grids, top, heights, centre_a, sizes) -> dict:
+    """Draw the vertebral bodies (C2 with its dens first) and the discs below them into ``vol``;
+    returns the discs' posterior tips {SCT value: (R, A, S) in centred coordinates}."""
+    r, a, s = grids
+    depth, width, disc_h = sizes
     discs = {}
     level_top = top
-    heights = [2.2 * body_h] + [body_h * u(0.9, 1.1) for _ in range(8)]  # C2 (with dens) .. T2
     for index, height in enumerate(heights):
         bottom = level_top - height
         mid_s = (level_top + bottom) / 2
@@ -88,15 +108,4 @@ def make_phantom(seed: int = 0, shape=(64, 150, 230), randomize: bool = True,
         value = 3 + index  # disc below C2 is C2/C3 = 3
         discs[value] = np.array([0.0, dac - depth / 2, disc_mid])
         level_top = bottom - disc_h
-    if noise:
-        vol += rng.normal(0, noise, size=shape).astype(np.float32)
-    vol = np.clip(vol, 0, None)
-
-    # Array indices are centred coordinates + half size: RAS = index - centre.
-    matrix = np.eye(4)
-    matrix[:3, 3] = -(np.array(shape) - 1) / 2
-    discs = {v: p for v, p in discs.items() if v in DISC_VALUES or v == 9}
-    # The lateral shift/tilt were applied to centred S coordinates; express points in RAS.
-    for point in discs.values():
-        point[0] = lateral_shift + lateral_tilt * point[2]
-    return Volume(array=vol, ijk_to_ras=matrix, name=f"phantom{seed}"), discs
+    return discs

@@ -19,8 +19,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError
+from ..io.files import write_atomic_bytes
+from ..io.images import LPS_TO_RAS, write_image_atomic
 from .training.dataset import find_bids_pairs, read_disc_labels
-from .volume import LPS_TO_RAS, write_atomic_bytes, write_image_atomic
 
 VARIANTS = ("dark", "t1like", "remap", "fov-c2", "fov-c3", "fov-end-c5", "thick3", "thick4", "noise")
 #: Label values carried into the variants (all discs a label file may hold).

@@ -23,23 +23,23 @@ import numpy as np
 
 from .. import DISC_NAMES, DISC_VALUES, __version__
 from ..errors import InputError
-from ..mri.export import markups_dict
-from ..mri.volume import write_atomic_bytes
-from .batch import (
-    SUFFIX_CORRECTED,
-    SUFFIX_DLABEL,
-    SUFFIX_MARKUPS,
-    default_qc_file,
+from ..io.files import (
+    SOURCE_HUMAN,
+    SOURCE_QC_PASS,
     read_json,
     read_qc_marks,
     sha256_file,
-    study_entries,
+    write_atomic_bytes,
     write_json,
 )
+from ..io.markups import geometry_of, read_disc_points
+from ..mri.export import markups_dict, write_disc_label_nifti
+from ..mri.labeling import DiscPoint
+from ..mri.volume import load_volume
+from .bids import SUFFIX_CORRECTED, SUFFIX_DLABEL, SUFFIX_MARKUPS, default_qc_file
+from .table import study_entries
 
 CORRECTED_KEY = "VertebralLabeling"
-SOURCE_HUMAN = "human-corrected"
-SOURCE_QC_PASS = "model-accepted-in-qc"
 _VALUE_BY_NAME = dict(zip(DISC_NAMES, DISC_VALUES))
 
 
@@ -81,9 +81,6 @@ def discs_from_markups(path, geometry=None) -> list:
     disc labels at most, finite, in cranio-caudal order, inside the image when ``geometry`` is
     given); otherwise InputError says why, and the caller rejects that one image.
     """
-    from ..io.markups import read_disc_points
-    from ..mri.labeling import DiscPoint
-
     return [DiscPoint(_VALUE_BY_NAME[label], label, np.asarray(ras, float), 1.0)
             for label, ras in read_disc_points(path, geometry)]
 
@@ -116,10 +113,6 @@ def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, acce
     read is rejected for that image only: logged with the reason, appended to ``rejected`` as
     ``(key, reason)``, and the other images are still imported.
     """
-    from ..io.markups import geometry_of
-    from ..mri.export import write_disc_label_nifti
-    from ..mri.volume import load_volume
-
     deriv, out = Path(deriv), Path(out)
     marks = read_qc_marks(qc_file or default_qc_file(deriv))
     jobs = []
@@ -163,12 +156,5 @@ def import_corrections(deriv, out, bids=None, contrast="T2w", qc_file=None, acce
     return written
 
 
-def label_is_human(label_path) -> bool:
-    """True when a disc-label file's sidecar says it was corrected (or checked) by a person."""
-    path = Path(label_path)
-    sidecar = path.with_name(path.name.split(".nii")[0] + ".json")
-    return (read_json(sidecar, {}) or {}).get("Source") in (SOURCE_HUMAN, SOURCE_QC_PASS)
-
-
 __all__ = ["corrected_path", "save_corrected", "is_human_corrected", "discs_from_markups",
-           "import_corrections", "label_is_human"]
+           "import_corrections"]

@@ -23,13 +23,20 @@ import base64
 import html
 import io
 import json
+import secrets
+import sys
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from string import Template
 
-from ..mri.volume import write_atomic_bytes
-from .batch import SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file, read_json, read_qc_marks, study_entries
+from PIL import Image
+
+from ..errors import InputError
+from ..io.files import read_json, read_qc_marks, write_atomic_bytes
+from .bids import SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file
+from .table import study_entries
 
 THUMB_HEIGHT = 360
 
@@ -49,7 +56,6 @@ def _thumbnail(path: Path) -> str:
     """The QC picture as a base64 JPEG data URI (~15 kB), at most THUMB_HEIGHT pixels high."""
     if not path.exists():
         return ""
-    from PIL import Image
 
     with Image.open(path) as image:
         image = image.convert("RGB")
@@ -127,11 +133,6 @@ def make_server(deriv, host="127.0.0.1", port=8765, allow_remote=False, token=No
     binds to loopback; another ``host`` needs ``allow_remote`` (then Host is not checked, the
     token still is).  A busy port is an InputError.
     """
-    import secrets
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from ..errors import InputError
-
     qc_dir = Path(deriv) / "qc"
     if not (qc_dir / "index.html").exists():
         raise InputError(f"No QC page in {qc_dir}; run the batch (or study-report) first.")
@@ -140,105 +141,114 @@ def make_server(deriv, host="127.0.0.1", port=8765, allow_remote=False, token=No
                          "qc.json, which feeds training); pass --allow-remote if you mean it.")
     token = token or secrets.token_urlsafe(24)
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT_S
-
-        def _allowed_hosts(self):
-            bound = self.server.server_address[1]
-            names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
-            return {f"{name}:{bound}" for name in names} | ({name for name in names} if bound == 80 else set())
-
-        def _host_ok(self) -> bool:
-            if allow_remote and host not in LOOPBACK_HOSTS:
-                return True
-            return (self.headers.get("Host") or "").strip().lower() in self._allowed_hosts()
-
-        def _refuse(self, code, message):
-            self.send_error(code, message)
-            self.close_connection = True
-
-        def do_GET(self):  # noqa: N802 (http.server API)
-            if not self._host_ok():
-                self._refuse(403, "unknown Host")
-                return
-            name = self.path.split("?", 1)[0].lstrip("/") or "index.html"
-            if name not in ("index.html", "qc.json") or not (qc_dir / name).exists():
-                self.send_error(404)
-                return
-            body = (qc_dir / name).read_bytes()
-            if name == "index.html":
-                body = body.replace(b'<meta name="qc-token" content="">',
-                                    f'<meta name="qc-token" content="{token}">'.encode(), 1)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8" if name.endswith(".html")
-                             else "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Frame-Options", "DENY")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):  # noqa: N802
-            if not self._host_ok():
-                self._refuse(403, "unknown Host")
-                return
-            origin = self.headers.get("Origin")
-            if origin is not None and origin.lower() not in {f"http://{h}" for h in self._allowed_hosts()} \
-                    and not (allow_remote and host not in LOOPBACK_HOSTS):
-                self._refuse(403, "cross-origin write refused")
-                return
-            if not secrets.compare_digest(self.headers.get(TOKEN_HEADER, ""), token):
-                self._refuse(403, "missing or wrong session token (reload the page from qc-serve)")
-                return
-            if self.path.split("?", 1)[0] != "/qc.json":
-                self._refuse(404, "only /qc.json can be written")
-                return
-            if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
-                self._refuse(415, "Content-Type must be application/json")
-                return
-            text = (self.headers.get("Content-Length") or "").strip()
-            if not text:
-                self._refuse(411, "Content-Length required")
-                return
-            if not text.isdigit():
-                self._refuse(400, "malformed Content-Length")
-                return
-            length = int(text)
-            if length > MAX_POST_BYTES:
-                self._refuse(413, f"qc.json larger than {MAX_POST_BYTES} bytes")
-                return
-            body = self.rfile.read(length)
-            try:
-                if len(body) != length:
-                    raise ValueError("body shorter than Content-Length")
-                data = json.loads(body)
-                if not isinstance(data, dict) or not isinstance(data.get("marks"), dict):
-                    raise ValueError("no marks")
-            except (ValueError, RecursionError):
-                self._refuse(400, "not a qc.json document")
-                return
-            write_atomic_bytes(qc_dir / "qc.json", (json.dumps(data, indent=2) + "\n").encode())
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format, *args):  # quiet
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-
     try:
-        server = Server((host, port), Handler)
+        server = _Server((host, port), _QcHandler)
     except OSError as error:
         raise InputError(f"Cannot serve on {host}:{port}: {error.strerror or error} (is another "
                          "qc-serve running? pass --port)") from error
-    server.token = token
+    server.qc_dir, server.host, server.allow_remote, server.token = qc_dir, host, allow_remote, token
     return server
 
 
-def serve(deriv, host="127.0.0.1", port=8765, allow_remote=False) -> int:
-    import sys
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    qc_dir: Path
+    host: str
+    allow_remote: bool
+    token: str
 
+
+class _QcHandler(BaseHTTPRequestHandler):
+    """GET index.html / qc.json, POST /qc.json; the checks are explained in :func:`make_server`."""
+
+    timeout = REQUEST_TIMEOUT_S
+
+    @property
+    def _remote(self) -> bool:
+        return self.server.allow_remote and self.server.host not in LOOPBACK_HOSTS
+
+    def _allowed_hosts(self):
+        host, bound = self.server.host, self.server.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+        return {f"{name}:{bound}" for name in names} | ({name for name in names} if bound == 80 else set())
+
+    def _host_ok(self) -> bool:
+        return self._remote or (self.headers.get("Host") or "").strip().lower() in self._allowed_hosts()
+
+    def _refuse(self, code, message):
+        self.send_error(code, message)
+        self.close_connection = True
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        if not self._host_ok():
+            self._refuse(403, "unknown Host")
+            return
+        qc_dir = self.server.qc_dir
+        name = self.path.split("?", 1)[0].lstrip("/") or "index.html"
+        if name not in ("index.html", "qc.json") or not (qc_dir / name).exists():
+            self.send_error(404)
+            return
+        body = (qc_dir / name).read_bytes()
+        if name == "index.html":
+            body = body.replace(b'<meta name="qc-token" content="">',
+                                f'<meta name="qc-token" content="{self.server.token}">'.encode(), 1)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8" if name.endswith(".html")
+                         else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Frame-Options", "DENY")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _write_refusal(self):
+        """(code, message) when this POST may not write qc.json, else None."""
+        if not self._host_ok():
+            return 403, "unknown Host"
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() not in {f"http://{h}" for h in self._allowed_hosts()} \
+                and not self._remote:
+            return 403, "cross-origin write refused"
+        if not secrets.compare_digest(self.headers.get(TOKEN_HEADER, ""), self.server.token):
+            return 403, "missing or wrong session token (reload the page from qc-serve)"
+        if self.path.split("?", 1)[0] != "/qc.json":
+            return 404, "only /qc.json can be written"
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+            return 415, "Content-Type must be application/json"
+        text = (self.headers.get("Content-Length") or "").strip()
+        if not text:
+            return 411, "Content-Length required"
+        if not text.isdigit():
+            return 400, "malformed Content-Length"
+        if int(text) > MAX_POST_BYTES:
+            return 413, f"qc.json larger than {MAX_POST_BYTES} bytes"
+        return None
+
+    def do_POST(self):  # noqa: N802
+        refusal = self._write_refusal()
+        if refusal:
+            self._refuse(*refusal)
+            return
+        length = int(self.headers["Content-Length"].strip())
+        body = self.rfile.read(length)
+        try:
+            if len(body) != length:
+                raise ValueError("body shorter than Content-Length")
+            data = json.loads(body)
+            if not isinstance(data, dict) or not isinstance(data.get("marks"), dict):
+                raise ValueError("no marks")
+        except (ValueError, RecursionError):
+            self._refuse(400, "not a qc.json document")
+            return
+        write_atomic_bytes(self.server.qc_dir / "qc.json", (json.dumps(data, indent=2) + "\n").encode())
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format, *args):  # quiet
+        pass
+
+
+def serve(deriv, host="127.0.0.1", port=8765, allow_remote=False) -> int:
     server = make_server(deriv, host, port, allow_remote=allow_remote)
     if host not in LOOPBACK_HOSTS:
         print(f"warning: serving on {host}: any machine that can reach it can read the QC page; "

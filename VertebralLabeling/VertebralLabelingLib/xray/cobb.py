@@ -106,6 +106,21 @@ def _is_s(mid_p_v: np.ndarray) -> bool:
         return bool(prod.sum(axis=0).sum() != np.abs(prod).sum(axis=0).sum())
 
 
+def _tilt_angles(pts: np.ndarray) -> np.ndarray:
+    """(17, 17) angles (radians) between the vertebrae's tilts, as the reference computes them."""
+    # Per vertebra: left-side midpoint (TL+BL)/2 to right-side midpoint
+    # (TR+BR)/2, i.e. the average tilt of both endplates.
+    tl, tr, bl, br = (pts[k::4] for k in range(4))
+    vec = (tr + br) / 2 - (tl + bl) / 2
+    norm = np.sqrt(np.sum(vec * vec, axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosines = (vec @ vec.T) / np.outer(norm, norm)
+    if not np.all(np.isfinite(cosines)):
+        raise ValueError("each vertebra needs distinct left and right side midpoints (zero-width vertebra)")
+    # Reference: acos(roundn(cos, -8)); rounding also keeps |cos| <= 1.
+    return np.arccos(np.round(cosines, 8))  # radians, as the reference
+
+
 def cobb_angles(landmarks_xy, image_height: float | None = None) -> CobbResult:
     """Three Cobb angles (degrees) of one AP radiograph, as the AASCE reference computes them.
 
@@ -130,17 +145,7 @@ def cobb_angles(landmarks_xy, image_height: float | None = None) -> CobbResult:
     # Endplate midpoints (top of T1, bottom of T1, top of T2, ...): used by
     # the S test and the half-image test.
     mid_p_v = (pts[0::2] + pts[1::2]) / 2
-    # Per vertebra: left-side midpoint (TL+BL)/2 to right-side midpoint
-    # (TR+BR)/2, i.e. the average tilt of both endplates.
-    tl, tr, bl, br = (pts[k::4] for k in range(4))
-    vec = (tr + br) / 2 - (tl + bl) / 2
-    norm = np.sqrt(np.sum(vec * vec, axis=1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cosines = (vec @ vec.T) / np.outer(norm, norm)
-    if not np.all(np.isfinite(cosines)):
-        raise ValueError("each vertebra needs distinct left and right side midpoints (zero-width vertebra)")
-    # Reference: acos(roundn(cos, -8)); rounding also keeps |cos| <= 1.
-    angles = np.arccos(np.round(cosines, 8))  # radians, as the reference
+    angles = _tilt_angles(pts)
 
     # Main curve: the most tilted pair; first maximal column (MATLAB max) is
     # the upper end vertebra, the row of its maximum the lower one.

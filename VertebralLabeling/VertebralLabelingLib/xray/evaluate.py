@@ -13,16 +13,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from PIL import Image
 
 from ..errors import InputError
+from .aasce import load_aasce, read_names_file, split_names
 from .cobb import cobb_angles
-from .data import load_aasce, read_names_file, read_radiograph, split_names
+from .data import read_radiograph
 from .export import ANGLE_COLUMNS
+from .label import XrayLabeler
 
 
 def _image_size(path):
-    from PIL import Image
-
     try:
         with Image.open(path) as image:  # header only
             return image.size
@@ -83,8 +84,6 @@ def cobb_from_ground_truth(images_dir, labels_dir, split: str = "all", files=Non
 
 def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "val", files=None,
                    limit: int | None = None, log=None) -> dict:
-    from .label import XrayLabeler
-
     aset = load_aasce(images_dir, labels_dir)
     indices = select(aset, split, files)
     if limit:

@@ -13,12 +13,13 @@ import io
 import json
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import InputError
-from ..mri.export import control_point, markups_document, read_control_points
-from ..mri.volume import write_atomic_bytes
+from ..io.files import write_atomic_bytes
+from ..io.markups import control_point, markups_document, read_control_points
 from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES, CobbResult
-from .data import POINT_LABELS
+from .data import POINT_LABELS, normalize
 
 #: Column names of angles.csv in the AASCE reference order (the names the challenge uses).
 ANGLE_COLUMNS = ("PT", "MT", "TL/L")
@@ -100,9 +101,6 @@ def write_angles_json(cobb: CobbResult, path, extra: dict | None = None) -> None
 # -- QC picture ------------------------------------------------------------------------------
 def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 1000):
     """PIL picture: the radiograph, the 17 vertebra outlines, the end-vertebra lines and angles."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from .data import normalize
 
     try:
         font = ImageFont.load_default(size=max(11, height // 60))

@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from ..errors import InputError
+from ..io import models as model_lib
 from . import data as xray_data
 from .cobb import CobbResult, cobb_angles
 from .data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
+from .network import load
 
 N_VERTEBRAE = 17
 #: A vertebra whose centre peak is below this is flagged for review.
@@ -80,8 +83,6 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int
     corners are the heatmap-weighted mean of (cell position + offset) over the 3 x 3 cells
     around its peak.
     """
-    from scipy import ndimage
-
     local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
     ys, xs = np.nonzero(local_max)
     if len(ys) < n:
@@ -159,8 +160,6 @@ class XrayLabeler:
     """A loaded landmark model; ``label(radiograph)`` runs the whole pipeline."""
 
     def __init__(self, model, meta: dict):
-        from ..io import models as model_lib
-
         self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
         self.meta = meta
         self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
@@ -171,8 +170,6 @@ class XrayLabeler:
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
-        from .network import load
-
         return cls(*load(name_or_path))
 
     def _network(self, batch: np.ndarray):

@@ -31,7 +31,7 @@ DEFAULT_MODEL = "xray-compact"
 
 def build(width: float = 1.0):
     """The landmark network (~1 M parameters at width 1)."""
-    keras = model_lib._keras()
+    keras = model_lib.import_keras()
     layers = keras.layers
 
     def ch(n):

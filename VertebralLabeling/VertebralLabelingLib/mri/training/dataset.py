@@ -21,20 +21,17 @@ from scipy import ndimage
 
 from ... import DISC_VALUES
 from ...errors import InputError
+from ...io.files import label_is_human, read_qc_marks
+from ...io.images import read_image
 from ..augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
 from ..midsagittal import normalize_intensity, sample_plane
 from ..phantom import make_phantom
-from ..volume import Volume, load_volume, read_image
+from ..synthetic_samples import render_sample
+from ..volume import Volume, load_volume
 
 #: Every disc below C2 that a label file may hold (C2/C3 = 3 ... L5/S1 = 25): the level-agnostic
 #: disc detector learns from all of them.
 ALL_DISC_VALUES = tuple(range(3, 26))
-DEFAULT_DATA = Path(__file__).resolve().parents[5] / "shared" / "data"
-
-
-def data_root() -> Path:
-    """The shared data folder (VERTEBRAL_LABELING_DATA overrides ../shared/data)."""
-    return Path(os.environ.get("VERTEBRAL_LABELING_DATA", DEFAULT_DATA))
 
 
 @dataclass
@@ -102,8 +99,6 @@ def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None,
     ``labels``: see ``find_bids_pairs``.  ``qc``: a qc.json of the study page; images marked
     *fail* there are left out unless their label is a human correction (its sidecar says so).
     """
-    from ...study.batch import read_qc_marks
-
     marks = read_qc_marks(qc) if qc else {}
     if qc and not Path(qc).exists():
         raise InputError(f"QC file not found: {qc}")
@@ -112,8 +107,6 @@ def load_bids_subjects(bids_dir, contrast: str = "T2w", exclude=(), labels=None,
         if label is None or sub in exclude:
             continue
         if marks.get(image.name.split(".nii")[0]) == "fail":
-            from ...study.corrections import label_is_human
-
             if not label_is_human(label):
                 if log:
                     log(f"{image.name}: marked fail in QC and not corrected, left out")
@@ -298,8 +291,6 @@ class SampleMixer:
             image, targets = negative_sample(self.rng, shape)
             return image, targets, SampleExtras(np.zeros((0, 2)), (-np.inf, np.inf), np.full(2, np.nan))
         if item == "synthetic":
-            from ..synthetic_spine import render_sample
-
             sample = render_sample(self.rng, shape)
             if keep_all_discs and np.isnan(sample.levels).any():
                 return self.draw(shape, keep_all_discs)

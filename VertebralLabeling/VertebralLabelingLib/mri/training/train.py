@@ -8,7 +8,11 @@ model.  Fixed seeds make a run repeatable up to TensorFlow's CPU thread scheduli
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
+import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +20,17 @@ import numpy as np
 
 from ... import DISC_NAMES, DISC_VALUES, __version__
 from ...io import models as model_lib
-from .dataset import SampleMixer, data_root, heatmap_targets, load_bids_subjects, load_pam50, make_phantom_subjects
+from ...io.files import data_root
+from ...io.onnx_export import export_after_training
+from .. import networks
+from .dataset import (
+    SampleMixer,
+    find_bids_pairs,
+    heatmap_targets,
+    load_bids_subjects,
+    load_pam50,
+    make_phantom_subjects,
+)
 
 TRAIN_SHAPE = (192, 128)
 CHUNK_STEPS = 25
@@ -30,12 +44,12 @@ def _batch(mixer, architecture, batch_size):
             xs.append(image)
             ys.append(compact_targets(targets, extras, TRAIN_SHAPE))
         return np.stack(xs)[..., None], np.stack(ys)
-    size = (model_lib.ROMERO_INPUT, model_lib.ROMERO_INPUT)
+    size = (networks.ROMERO_INPUT, networks.ROMERO_INPUT)
     xs, ys = [], []
     for _ in range(batch_size):
         image, targets, _ = mixer.draw(size, keep_all_discs=True)
         xs.append(image)
-        ys.append(targets / model_lib.ROMERO_INPUT)  # NaN where the disc is missing
+        ys.append(targets / networks.ROMERO_INPUT)  # NaN where the disc is missing
     return np.stack(xs)[..., None], np.stack(ys).astype(np.float32)
 
 
@@ -46,7 +60,7 @@ UNKNOWN = -1.0
 def compact_targets(targets, extras, shape):
     """(H/2, W/2, 8) heatmaps: six discs, the any-disc map and the dens tip; UNKNOWN where the
     target is not known (rows outside a real subject's labeled run, unannotated dens)."""
-    stride, sigma = model_lib.COMPACT_STRIDE, model_lib.HEATMAP_SIGMA
+    stride, sigma = networks.COMPACT_STRIDE, networks.HEATMAP_SIGMA
     levels = heatmap_targets(targets, shape, stride, sigma)
     discs = heatmap_targets(extras.discs, shape, stride, sigma).max(axis=-1, keepdims=True) \
         if len(extras.discs) else np.zeros(levels.shape[:2] + (1,), np.float32)
@@ -91,11 +105,6 @@ class _Prefetcher:
     """
 
     def __init__(self, mixer, architecture, batch_size, seed, workers=2):
-        import collections
-        import concurrent.futures
-        import multiprocessing
-        import sys
-
         if "tensorflow" in sys.modules:  # already running (tests, notebooks): stay in-process
             _init_worker(mixer, architecture, batch_size)
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -161,7 +170,7 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
         if init:
             model = _initial_model(init, architecture)
         else:
-            model = model_lib.build(architecture)
+            model = networks.build(architecture)
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
         model.compile(optimizer=keras.optimizers.Adam(schedule), loss=_loss(architecture))
         name = name or architecture
@@ -171,10 +180,10 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
             "version": __version__,
             "discs": list(DISC_NAMES),
             "disc_values": list(DISC_VALUES),
-            "stride": model_lib.COMPACT_STRIDE,
-            "input_multiple": model_lib.COMPACT_MULTIPLE,
-            "romero_input": model_lib.ROMERO_INPUT,
-            "sigma": model_lib.HEATMAP_SIGMA,
+            "stride": networks.COMPACT_STRIDE,
+            "input_multiple": networks.COMPACT_MULTIPLE,
+            "romero_input": networks.ROMERO_INPUT,
+            "sigma": networks.HEATMAP_SIGMA,
             "training": {
                 "subjects": [s.name for s in real], "pam50": bool(template), "phantoms": len(phantoms),
                 "excluded": list(exclude), "seed": seed, "batch_size": batch_size,
@@ -183,7 +192,7 @@ def train(out_dir, bids=None, pam50=None, architecture="compact", steps=3000, ba
                 "synthetic_share": synthetic, "init": str(init) if init else None,
                 "learning_rate": learning_rate,
             },
-            "outputs": list(DISC_NAMES) + (list(model_lib.EXTRA_OUTPUTS) if architecture == "compact" else []),
+            "outputs": list(DISC_NAMES) + (list(networks.EXTRA_OUTPUTS) if architecture == "compact" else []),
             "parameters": model.count_params(),
         }
         _fit(model, meta, prefetch, out_dir, name, steps, batch_size, time_budget_s, log)
@@ -211,24 +220,6 @@ def _fit(model, meta, prefetch, out_dir, name, steps, batch_size, time_budget_s,
         log(f"step {done}/{steps} loss {np.mean(losses[-4:]):.5f} {time.time() - start:.0f}s")
 
 
-def export_after_training(path: Path, log=print) -> Path:
-    """Write NAME.onnx beside the trained NAME.keras (what label, batch and Slicer run).
-
-    Only once, at the end: an export takes seconds, checkpoints are for resuming and stay Keras.
-    A failed export keeps the .keras and says how to retry.
-    """
-    from ...errors import ModelError
-    from ...io.onnx_export import export_onnx
-
-    try:
-        onnx_path = export_onnx(path)
-    except ModelError as error:
-        raise ModelError(f"{path} was saved, but its ONNX export failed ({error}); retry with "
-                         f"`vertebral-labeling export-onnx {path}`.") from error
-    log(f"exported {onnx_path}")
-    return onnx_path
-
-
 def _initial_model(init, architecture):
     """The Keras model to continue from (a bundled name means its .keras, not its .onnx)."""
     path = model_lib.resolve_model_path(init)
@@ -251,7 +242,6 @@ def default_sources():
 def main_loso(out_dir, steps, budget, seed=0):
     """Train one model per held-out real subject (leave-one-subject-out) for honest evaluation."""
     bids, pam50 = default_sources()
-    from .dataset import find_bids_pairs
 
     subjects = [s for s, _, label in find_bids_pairs(bids) if label is not None]
     for held_out in subjects:
