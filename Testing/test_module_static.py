@@ -174,12 +174,13 @@ def test_modules_import_only_slicer_things_at_top(path):
 
 def test_requirements_file_is_onnxruntime_only_and_tensorflow_never_imported(module_tree):
     """What the Logic installs (test_slicer_modules.py runs it) is a version range of ONNX
-    Runtime; TensorFlow is never installed into Slicer."""
+    Runtime (and tqdm, the study batch's progress bar); TensorFlow is never installed into Slicer."""
     source = MODULE_PY.read_text()
-    (requirements,) = [line.strip() for line in
+    requirements, progress = [line.strip() for line in
                        (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
                        if line.strip() and not line.startswith("#")]
     assert requirements.startswith("onnxruntime") and "==" not in requirements  # a range, not a pin
+    assert progress.startswith("tqdm>=") and "==" not in progress
     assert "tensorflow" not in source.lower().replace("needs tensorflow in slicer", "").replace(
         "tensorflow is never installed", "")
     assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "tensorflow" in ast.unparse(n)
