@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 
+from ..io.images import LPS_TO_RAS
 from .volume import Volume, trilinear
 
 #: Mirror centres are only searched where at least this much image lies on each side (mm).
@@ -112,24 +114,52 @@ def sample_plane(
 
     ``displacement`` (2, H, W) shifts each pixel's sampling position in pixel units (elastic
     augmentation); ``normal_offsets`` averages several parallel planes (simulates thick slices).
+
+    ``sitk.Resample`` (linear, edges clamped as ``Volume.sample``) onto a one-slice reference
+    image with the plane's geometry; the displacement is a ``DisplacementFieldTransform`` on
+    that grid (plus the slab offset), so every pixel is sampled where the hand-written sampler
+    sampled it.  Pixels outside the volume get the volume's minimum and ``inside=False``.
     """
-    rows, cols = np.meshgrid(np.arange(shape[0], dtype=float), np.arange(shape[1], dtype=float),
-                             indexing="ij")
-    if displacement is not None:
-        rows = rows + displacement[0]
-        cols = cols + displacement[1]
-    grid = (origin + rows[..., None] * row_axis + cols[..., None] * col_axis)
+    origin, row_axis, col_axis = (np.asarray(v, float) for v in (origin, row_axis, col_axis))
     normal = np.cross(col_axis, row_axis)
     normal = normal / np.linalg.norm(normal)
+    reference = _plane_reference(origin, row_axis, col_axis, normal, shape)
+    source, background = volume.sitk_image, volume.background
     total = np.zeros(shape, dtype=np.float32)
     inside_any = np.zeros(shape, dtype=bool)
     for offset in normal_offsets:
-        values, inside = volume.sample(grid + offset * normal)
-        total += values.astype(np.float32)
+        shift = LPS_TO_RAS @ (offset * normal)  # RAS -> LPS (the matrix is its own inverse)
+        if displacement is None:
+            transform = sitk.TranslationTransform(3, [float(v) for v in shift])
+        else:
+            transform = _displacement_transform(reference, displacement, row_axis, col_axis, shift)
+        sampled = sitk.Resample(source, reference, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
+        values = sitk.GetArrayViewFromImage(sampled)[0]
+        inside = ~np.isnan(values)
+        total += np.where(inside, values, background)
         inside_any |= inside
     image = total / len(normal_offsets)
-    return SagittalSlice(image=image, inside=inside_any, origin=np.asarray(origin, float),
-                         row_axis=np.asarray(row_axis, float), col_axis=np.asarray(col_axis, float))
+    return SagittalSlice(image=image, inside=inside_any, origin=origin, row_axis=row_axis, col_axis=col_axis)
+
+
+def _plane_reference(origin, row_axis, col_axis, normal, shape) -> sitk.Image:
+    """A (cols x rows x 1) image whose voxel (c, r, 0) sits at ``origin + r row + c col`` (LPS)."""
+    reference = sitk.Image([int(shape[1]), int(shape[0]), 1], sitk.sitkFloat32)
+    spacing = [float(np.linalg.norm(col_axis)), float(np.linalg.norm(row_axis)), 1.0]
+    axes = np.stack([col_axis / spacing[0], row_axis / spacing[1], normal], axis=1)
+    reference.SetSpacing(spacing)
+    reference.SetOrigin([float(v) for v in LPS_TO_RAS @ origin])
+    reference.SetDirection([float(v) for v in (LPS_TO_RAS @ axes).ravel()])
+    return reference
+
+
+def _displacement_transform(reference, displacement, row_axis, col_axis, shift):
+    """Per-pixel physical shift (LPS mm) = displacement rows * row axis + cols * col axis + ``shift``."""
+    field = displacement[0][..., None] * row_axis + displacement[1][..., None] * col_axis
+    field = (field @ LPS_TO_RAS.T + shift)[None].astype(np.float64)  # (1, rows, cols, 3)
+    image = sitk.GetImageFromArray(field, isVector=True)
+    image.CopyInformation(reference)
+    return sitk.DisplacementFieldTransform(image)
 
 
 def estimate_midline(volume: Volume) -> Midline:

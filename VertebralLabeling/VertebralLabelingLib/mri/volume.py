@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import SimpleITK as sitk
@@ -72,6 +73,11 @@ class Volume:
     @property
     def background(self) -> float:
         return float(self.array.min())
+
+    @cached_property
+    def sitk_image(self) -> sitk.Image:
+        """The volume as a SimpleITK image (made once; for ``sitk.Resample``)."""
+        return self.to_sitk()
 
     # -- SimpleITK conversion -------------------------------------------------------------
     @classmethod
