@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+#: Fixed-point steps that invert a slice's elastic warp for the disc targets.
+INVERSE_WARP_ITERATIONS = 6
+
 
 def rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     """3x3 rotation by ``angle`` (radians) about ``axis`` (Rodrigues' formula)."""
@@ -29,11 +32,16 @@ def smooth_field(rng: np.random.Generator, shape, cells: int, sigma: float) -> n
 def to_slice_pixels(points, origin, basis, displacement=None) -> np.ndarray:
     """(row, col) of 3D points in a slice with axes ``basis`` (columns: row, col, normal) and
     ``origin``; ``displacement`` (2, H, W) is the slice's elastic warp, applied inversely."""
-    rc = np.linalg.solve(basis, (np.atleast_2d(points) - origin).T).T[:, :2]
+    planar = np.linalg.solve(basis, (np.atleast_2d(points) - origin).T).T[:, :2]
+    rc = planar
     if displacement is not None:
-        shift = np.stack([ndimage.map_coordinates(d, rc.T, order=1, mode="nearest") for d in displacement],
-                         axis=1)
-        rc = rc - shift
+        # Pixel p samples the plane at p + d(p): the point's pixel solves p + d(p) = planar.
+        # Fixed-point iterations (the first is p = planar - d(planar)); the warp is smooth
+        # (|grad d| << 1), so a few steps reach well under a tenth of a pixel.
+        for _ in range(INVERSE_WARP_ITERATIONS):
+            shift = np.stack([ndimage.map_coordinates(d, rc.T, order=1, mode="nearest") for d in displacement],
+                             axis=1)
+            rc = planar - shift
     return rc
 
 
