@@ -1,6 +1,7 @@
 """Study-workflow subcommands: batch, study-report, qc-serve, import-corrections.
 
-Registered by ``cli.parser()`` through ``register(sub)``.
+Registered by ``cli.main.parser()`` through ``register(sub)``.  Each command imports the study
+code when it runs (it loads SimpleITK and ONNX Runtime), so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..io.files import write_atomic_bytes
 
 
 def register(sub) -> None:
@@ -99,7 +101,6 @@ def _exit_on_sigterm() -> None:
 
 
 def cmd_batch(args) -> int:
-    from ..io.files import write_atomic_bytes
     from ..study.batch import run_batch
 
     shard = _shard(args.shard)

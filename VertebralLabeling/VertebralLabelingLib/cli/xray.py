@@ -1,9 +1,10 @@
 """``vertebral-labeling xray ...``: AP radiograph corners and Cobb angles on the command line.
 
-Loaded by ``cli.py`` (``register(sub)``).  Subcommands: ``label``, ``cobb``, ``evaluate``,
-``train``.  User errors raise InputError/ModelError (one ``error:`` line, exit status 2);
-outputs are written only after labeling succeeded, each atomically, and an existing output is
-never replaced without ``--overwrite``.
+Registered by ``cli.main.parser()`` (``register(sub)``).  Subcommands: ``label``, ``cobb``,
+``evaluate``, ``train``; each imports the X-ray code when it runs (SimpleITK, scipy, ONNX Runtime
+or TensorFlow), so ``--help`` answers at once.  User errors raise InputError/ModelError (one
+``error:`` line, exit status 2); outputs are written only after labeling succeeded, each
+atomically, and an existing output is never replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io.files import MARKUPS_SUFFIX, data_root, write_atomic_bytes
 
 
 def register(sub) -> None:
-    from ..io.files import data_root
-
     xray = sub.add_parser("xray", help="AP spine X-ray: vertebral corners (T1-L5) and Cobb angles")
     xsub = xray.add_subparsers(dest="xray_command", required=True)
 
@@ -81,18 +81,17 @@ def _refuse_existing(paths, overwrite):
 
 
 def _write_json(path, data):
-    from ..io.files import write_atomic_bytes
-
     write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def cmd_label(args) -> int:
     from ..xray import export as xray_export
+    from ..xray.cobb import N_VERTEBRAE
     from ..xray.data import read_radiograph
     from ..xray.label import XrayLabeler, XrayResult, cobb_from_physical
 
-    if args.output and not args.output.endswith(".mrk.json"):
-        raise InputError("The output file name must end with .mrk.json")
+    if args.output and not args.output.endswith(MARKUPS_SUFFIX):
+        raise InputError(f"The output file name must end with {MARKUPS_SUFFIX}")
     if not any((args.output, args.json, args.csv, args.qc)):
         raise InputError("Nothing to write: give -o OUT.mrk.json and/or --json, --csv, --qc.")
     from ..io.outputs import check_outputs, write_all
@@ -102,7 +101,7 @@ def cmd_label(args) -> int:
     radiograph = read_radiograph(args.input)
     if args.markups:
         points = xray_export.read_markups_json(args.markups)
-        result = XrayResult(radiograph.physical_to_pixel(points), points, np.ones(17),
+        result = XrayResult(radiograph.physical_to_pixel(points), points, np.ones(N_VERTEBRAE),
                             cobb_from_physical(points, radiograph), radiograph)
         confidence = None
     else:

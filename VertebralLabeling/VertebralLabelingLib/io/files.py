@@ -21,6 +21,12 @@ DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 #: person accepted on the QC page: both count as human labels (kept in training despite a QC fail).
 SOURCE_HUMAN = "human-corrected"
 SOURCE_QC_PASS = "model-accepted-in-qc"
+#: A Slicer markups file (what ``label -o`` and ``xray label -o`` write).
+MARKUPS_SUFFIX = ".mrk.json"
+#: An SCT disc-label image beside (or below derivatives/labels, as) ``<image stem>``.
+DISC_LABEL_SUFFIX = "_label-discs_dlabel.nii.gz"
+#: The images of one contrast in a BIDS subject folder (``*_T2w.nii`` and ``*_T2w.nii.gz``).
+BIDS_IMAGE_GLOB = "*_{contrast}.nii*"
 #: The two values of a QC mark (qc.json of the study QC page).
 QC_PASS, QC_FAIL = "pass", "fail"
 

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError
-from ..io.files import write_atomic_bytes
+from ..io.files import DISC_LABEL_SUFFIX, write_atomic_bytes
 from ..io.images import LPS_TO_RAS, write_image_atomic
 from .training.dataset import find_bids_pairs, read_disc_labels
 
@@ -165,7 +165,7 @@ def write_stress_dataset(bids_in, out_dir, variants=VARIANTS, seed: int = 0, log
             rel = image_path.relative_to(bids_in)
             write_image_atomic(new, root / rel)
             stem = image_path.name.split(".nii")[0]
-            label_out = root / "derivatives" / "labels" / rel.parent / f"{stem}_label-discs_dlabel.nii.gz"
+            label_out = root / "derivatives" / "labels" / rel.parent / f"{stem}{DISC_LABEL_SUFFIX}"
             write_image_atomic(labels_in_grid(kept, new), label_out)
             written += 1
         description = {"Name": f"stress variant {kind}", "BIDSVersion": "1.8.0", "DatasetType": "derived",

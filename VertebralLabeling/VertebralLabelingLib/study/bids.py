@@ -10,17 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..io.files import BIDS_IMAGE_GLOB, DISC_LABEL_SUFFIX
 
 PIPELINE = "vertebral-labeling"
 DEFAULT_DERIVATIVE = Path("derivatives") / PIPELINE
-SUFFIX_DLABEL = "_label-discs_dlabel.nii.gz"
+SUFFIX_DLABEL = DISC_LABEL_SUFFIX
 SUFFIX_MARKUPS = "_discs.mrk.json"
 SUFFIX_QC = "_qc.png"
 SUFFIX_RECORD = "_discs.json"
 SUFFIX_CORRECTED = "_desc-corrected_discs.mrk.json"
 _SUBJECT = re.compile(r"^sub-[A-Za-z0-9]+$")
-#: Image file names of a contrast (``*_T2w.nii`` and ``*_T2w.nii.gz``).
-BIDS_IMAGE_GLOB = "*_{contrast}.nii*"
 
 
 # -- items -------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ import numpy as np
 
 VERTEBRA_NAMES = tuple(f"T{i}" for i in range(1, 13)) + tuple(f"L{i}" for i in range(1, 6))
 CORNER_NAMES = ("TL", "TR", "BL", "BR")
-N_POINTS = 4 * len(VERTEBRA_NAMES)  # 68
+#: T1..L5: the 17 vertebrae of an AP radiograph's landmarks.
+N_VERTEBRAE = len(VERTEBRA_NAMES)
+N_POINTS = len(CORNER_NAMES) * N_VERTEBRAE  # 68
 
 
 @dataclass(frozen=True)

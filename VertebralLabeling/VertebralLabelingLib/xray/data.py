@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..io.images import check_geometry, read_image
-from .cobb import CORNER_NAMES, VERTEBRA_NAMES
+from .cobb import CORNER_NAMES, N_VERTEBRAE, VERTEBRA_NAMES
 
 #: Network input (rows, cols).  A ~850 x 2400 radiograph becomes about 230 x 640.
 INPUT_SHAPE = (640, 320)
@@ -243,7 +243,7 @@ def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA):
     heat = np.zeros((rows, cols), np.float32)
     offsets = np.zeros((rows, cols, 8), np.float32)
     mask = np.zeros((rows, cols), np.float32)
-    corners = np.asarray(points, float).reshape(17, 4, 2)
+    corners = np.asarray(points, float).reshape(N_VERTEBRAE, len(CORNER_NAMES), 2)
     yy, xx = np.mgrid[0:rows, 0:cols]
     cell_x = (xx + 0.5) * stride - 0.5
     cell_y = (yy + 0.5) * stride - 0.5

@@ -18,12 +18,14 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import InputError
 from ..io.files import write_atomic_bytes
 from ..io.markups import control_point, markups_document, read_control_points
-from .cobb import CORNER_NAMES, N_POINTS, VERTEBRA_NAMES, CobbResult
+from .cobb import CORNER_NAMES, N_POINTS, N_VERTEBRAE, VERTEBRA_NAMES, CobbResult
 from .data import POINT_LABELS, normalize
 
 #: Column names of angles.csv in the AASCE reference order (the names the challenge uses).
 ANGLE_COLUMNS = ("PT", "MT", "TL/L")
 CSV_COLUMNS = ("label", "vertebra", "corner", "x", "y", "z", "x_px", "y_px", "confidence")
+#: A vertebra whose confidence is below this is flagged for review (markups, QC picture).
+REVIEW_BELOW = 0.3
 
 
 def curve_region(upper: str, lower: str) -> str:
@@ -50,7 +52,7 @@ def angles_dict(cobb: CobbResult) -> dict:
 
 
 def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = False,
-                 threshold: float = 0.3) -> dict:
+                 threshold: float = REVIEW_BELOW) -> dict:
     points = np.asarray(points, float)
     if points.shape != (N_POINTS, 2):
         raise InputError(f"expected {N_POINTS} points, got {points.shape}")
@@ -113,9 +115,9 @@ def qc_image(array, points_px, cobb: CobbResult, confidence=None, height: int = 
     draw = ImageDraw.Draw(picture)
     pts = np.asarray(points_px, float) * scale
     colours = [(0, 220, 255), (255, 200, 0), (255, 80, 200)]
-    for v in range(17):
+    for v in range(N_VERTEBRAE):
         tl, tr, bl, br = pts[4 * v: 4 * v + 4]
-        flagged = confidence is not None and confidence[v] < 0.3
+        flagged = confidence is not None and confidence[v] < REVIEW_BELOW
         colour = (255, 60, 60) if flagged else (60, 255, 90)
         draw.line([tuple(tl), tuple(tr), tuple(br), tuple(bl), tuple(tl)], fill=colour, width=1)
         for p in (tl, tr, bl, br):

@@ -20,11 +20,10 @@ from scipy import ndimage
 from ..errors import InputError
 from ..io import models as model_lib
 from . import data as xray_data
-from .cobb import CobbResult, cobb_angles
+from .cobb import N_VERTEBRAE, CobbResult, cobb_angles
 from .data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
 from .network import load
 
-N_VERTEBRAE = 17
 #: A vertebra whose centre peak is below this is flagged for review.
 REVIEW_THRESHOLD = 0.3
 

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from ... import DISC_VALUES
 from ...errors import InputError
-from ...io.files import label_is_human, read_qc_marks
+from ...io.files import BIDS_IMAGE_GLOB, DISC_LABEL_SUFFIX, label_is_human, read_qc_marks
 from ...io.images import read_image
 from ..augment import rotation, smooth_field, to_slice_pixels, visible_or_nan
 from ..midsagittal import normalize_intensity, sample_plane
@@ -78,14 +78,14 @@ def find_bids_pairs(bids_dir: str | os.PathLike, contrast: str = "T2w", labels=N
     bids_dir = Path(bids_dir)
     label_dirs = [Path(d) for d in labels] if labels else [bids_dir / "derivatives" / "labels"]
     pairs = []
-    pattern = str(bids_dir / "sub-*" / "**" / f"*_{contrast}.nii*")
+    pattern = str(bids_dir / "sub-*" / "**" / BIDS_IMAGE_GLOB.format(contrast=contrast))
     for image in sorted(glob.glob(pattern, recursive=True)):
         image = Path(image)
         rel = image.relative_to(bids_dir)
         stem = image.name.split(".nii")[0]
         found = None
         for folder in label_dirs:
-            label = folder / rel.parent / f"{stem}_label-discs_dlabel.nii.gz"
+            label = folder / rel.parent / f"{stem}{DISC_LABEL_SUFFIX}"
             if label.exists():
                 found = label
         pairs.append((rel.parts[0], image, found))
