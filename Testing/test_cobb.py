@@ -1,4 +1,4 @@
-"""Tests of the AASCE reference Cobb-angle method (VertebralLabelingLib/cobb.py).
+"""Tests of the AASCE reference Cobb-angle method (VertebralLabelingLib/xray/cobb.py).
 
 Synthetic spines check the geometry; the 481 ground-truth rows of the AASCE 2019
 training set (SpineWeb dataset 16) check that we reproduce the organisers'

@@ -77,7 +77,7 @@ def is_human_corrected(path) -> bool:
 def discs_from_markups(path, geometry=None) -> list:
     """DiscPoints (confidence 1, not flagged) from a corrected markups file, validated.
 
-    The file must pass :func:`markups_check.read_disc_points` (markups format, six distinct
+    The file must pass :func:`io.markups.read_disc_points` (markups format, six distinct
     disc labels at most, finite, in cranio-caudal order, inside the image when ``geometry`` is
     given); otherwise InputError says why, and the caller rejects that one image.
     """

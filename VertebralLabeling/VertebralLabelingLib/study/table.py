@@ -23,7 +23,7 @@ TABLE_COLUMNS = ("subject", "session", "image", "disc", "value", "R", "A", "S", 
 def corrected_discs(item: Item, deriv, record=None):
     """(label, RAS) pairs of the human-corrected markups of an item, or None when there is none.
 
-    Validated (markups format and anatomy, see ``markups_check``; inside the image when the
+    Validated (markups format and anatomy, see ``io.markups``; inside the image when the
     record holds its geometry): InputError with the reason when the correction is unusable.
     """
     path = item.path(deriv, SUFFIX_CORRECTED)

@@ -9,11 +9,11 @@ input resolution,
   in units of ``xray_data.OFFSET_SCALE`` input pixels.
 
 At inference the 17 strongest heatmap peaks, sorted from top to bottom, are T1..L5 and each
-reads its four corners from the offsets (see ``xray_label``).  The encoder goes down to 1/32
+reads its four corners from the offsets (see ``xray.label``).  The encoder goes down to 1/32
 with a dilated residual bottleneck, so a vertebra sees most of the spine when it decides
 whether it is a vertebra centre.
 
-Files follow the MRI models' convention (``models.py``): ``NAME.keras`` (weights only, no
+Files follow the MRI models' convention (``io.models``): ``NAME.keras`` (weights only, no
 optimizer state), ``NAME.json`` (how to feed it) and ``NAME.md`` (model card).
 """
 
