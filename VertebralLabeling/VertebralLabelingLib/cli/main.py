@@ -1,8 +1,10 @@
-"""The ``vertebral-labeling`` command line: MRI discs (label, evaluate, train, ...), AP X-rays
-(``xray ...``) and the study workflow (batch, study-report, qc-serve, import-corrections).
+"""The ``vertebral-labeling`` command line: label, evaluate, train, phantom.
 
-Errors the user can fix (bad image, missing model, existing output) print one line and exit
-with status 2; outputs are written only after labeling succeeded, each one atomically.
+One file per part registers its subcommands: ``mri`` (label, evaluate, train, export-onnx,
+phantom, stress), ``xray`` (xray ...) and ``study`` (batch, study-report, qc-serve,
+import-corrections).  Errors the user can fix (bad image, missing model, existing output) print
+one line and exit with status 2; outputs are written only after labeling succeeded, each one
+atomically.
 """
 
 from __future__ import annotations
