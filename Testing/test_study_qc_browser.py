@@ -131,8 +131,10 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
 
     click(browser, "sub-sctcrop_T2w", "fail")
     click(browser, "sub-errsm18_T2w", "pass")
-    assert "fail" in browser.find_element(By.CSS_SELECTOR, '.card[data-key="sub-sctcrop_T2w"]').get_attribute("class")
-    assert "1 pass, 1 fail, 2 to review" in browser.find_element(By.ID, "counts").text
+    # The page re-renders after a click: wait for it (a busy machine may take a moment).
+    wait_for(lambda: "fail" in browser.find_element(By.CSS_SELECTOR, '.card[data-key="sub-sctcrop_T2w"]')
+             .get_attribute("class"), what="the fail mark on the card")
+    wait_for(lambda: "1 pass, 1 fail, 2 to review" in browser.find_element(By.ID, "counts").text, what="the counts")
 
     browser.refresh()  # kept in localStorage
     loaded(browser)
