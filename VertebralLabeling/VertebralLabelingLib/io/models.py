@@ -168,7 +168,7 @@ class KerasNetwork(Network):
 
     def run(self, batch):
         if self._predict is None:
-            import tensorflow as tf
+            import tensorflow as tf  # deferred: only a .keras model needs TensorFlow (slow to import)
 
             # One traced graph per input shape (not relaxed to unknown sizes: Keras' bilinear
             # UpSampling2D cannot trace those); about twice as fast as eager calls on 2 cores.
@@ -210,7 +210,7 @@ class OnnxNetwork(Network):
     def load(cls, path: Path, meta: dict, threads: int = 0) -> "OnnxNetwork":
         """Open ``path`` in an ONNX Runtime session; ``threads`` 0 lets it use every core."""
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # deferred: ONNX Runtime loads only when a model first runs
         except ImportError as error:
             raise ModelError(f"{path.name} needs the onnxruntime package (pip install onnxruntime), "
                              "or pass a .keras model.") from error

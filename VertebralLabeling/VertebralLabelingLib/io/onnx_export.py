@@ -49,7 +49,7 @@ def _dynamic_upsampling():
     shape instead: the same half-pixel bilinear interpolation Keras' TensorFlow backend uses
     (checked by the export against the Keras output).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: the export needs the train extra (TensorFlow, tf2onnx)
     from keras.src.layers.reshaping.up_sampling2d import UpSampling2D
 
     original = UpSampling2D._resize_images
@@ -68,7 +68,7 @@ def _dynamic_upsampling():
 
 
 def _versions() -> dict:
-    import keras
+    import keras  # deferred: train extra, slow to import
     import onnx
     import tensorflow as tf
     import tf2onnx
@@ -76,7 +76,7 @@ def _versions() -> dict:
     versions = {"keras": keras.__version__, "tensorflow": tf.__version__,
                 "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__}
     try:
-        import onnxruntime
+        import onnxruntime  # deferred, like the others
 
         versions["onnxruntime_checked_with"] = onnxruntime.__version__
     except ImportError:
@@ -111,7 +111,7 @@ def export_onnx(keras_path, onnx_path=None, tolerance: float = TOLERANCE) -> Pat
     model, meta = model_lib.load_keras_with_metadata(keras_path, lambda m, p: None
                                                      if isinstance(m, dict) else f"{p} is not a JSON object.")
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: the train extra and ONNX Runtime load only to export
         import tensorflow as tf
     except ImportError as error:
         raise ModelError(f"The ONNX export needs tensorflow, tf2onnx, onnx and onnxruntime "

@@ -75,7 +75,7 @@ def compact_targets(targets, extras, shape):
 
 
 def _loss(architecture):
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: TensorFlow is slow to import and only training needs it
 
     if architecture == "compact":
         def weighted_mse(y_true, y_pred):
