@@ -6,7 +6,7 @@ Keras: ``train`` and ``xray train`` call :func:`export_onnx` after saving, and a
 by hand (or a bundled one after retraining) is converted with::
 
     vertebral-labeling export-onnx PATH.keras [PATH.keras ...]
-    python -m VertebralLabelingLib.onnx_export PATH.keras [...]
+    python -m VertebralLabelingLib.io.onnx_export PATH.keras [...]
 
 The export keeps every input dimension the Keras model leaves open (batch, and height/width
 of the fully convolutional networks: the MRI net is fed whole padded slices of any size), reads
@@ -203,7 +203,7 @@ def _match_outputs(keras_out, ort_out):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m VertebralLabelingLib.onnx_export",
+    parser = argparse.ArgumentParser(prog="python -m VertebralLabelingLib.io.onnx_export",
                                      description="export .keras models to .onnx beside them")
     parser.add_argument("models", nargs="+", help=".keras files (NAME.json beside each)")
     args = parser.parse_args(argv)
