@@ -151,8 +151,8 @@ class CobbAngleWidget(SpineModuleWidget):
     # -- angles table --------------------------------------------------------------------------
     def onAnglesChanged(self, cobb, message) -> None:
         """Called by the live observer after every corner change."""
-        from VertebralLabelingLib.xray_export import ANGLE_COLUMNS as CURVES
-        from VertebralLabelingLib.xray_export import curve_region
+        from VertebralLabelingLib.xray.export import ANGLE_COLUMNS as CURVES
+        from VertebralLabelingLib.xray.export import curve_region
 
         table = self.ui.anglesTable
         table.setRowCount(3)
@@ -194,7 +194,7 @@ class CobbAngleLogic(SpineModuleLogic):
         return self.live.last if self.live is not None else None
 
     def loadLabeler(self, modelName):
-        from VertebralLabelingLib.xray_label import XrayLabeler
+        from VertebralLabelingLib.xray.label import XrayLabeler
 
         return XrayLabeler.load(modelName)
 
@@ -248,7 +248,7 @@ class CobbAngleLogic(SpineModuleLogic):
     @staticmethod
     def export(markupsNode, path, kind, volumeNode=None) -> None:
         """Write the node's current corners (markups / csv) or angles (JSON) with the core writers."""
-        from VertebralLabelingLib import xray_export
+        from VertebralLabelingLib.xray import export as xray_export
         from VertebralLabelingSlicerLib import xray_adapter
 
         points = xray_adapter.points_from_node(markupsNode)
@@ -281,7 +281,7 @@ class CobbAngleTest(SpineModuleTest):
         """The bundled .onnx model loads on ONNX Runtime and gives its two heads at 1/4 size."""
         import numpy as np
 
-        from VertebralLabelingLib.xray_label import XrayLabeler
+        from VertebralLabelingLib.xray.label import XrayLabeler
 
         self.delayDisplay("Running the bundled X-ray model")
         labeler = CobbAngleLogic().labeler()
@@ -296,8 +296,8 @@ class CobbAngleTest(SpineModuleTest):
         """A fake labeler gives a straight spine (0 deg); tilting one vertebra updates the angles."""
         import numpy as np
 
-        from VertebralLabelingLib.xray_data import Radiograph
-        from VertebralLabelingLib.xray_label import XrayResult, cobb_from_physical
+        from VertebralLabelingLib.xray.data import Radiograph
+        from VertebralLabelingLib.xray.label import XrayResult, cobb_from_physical
         from VertebralLabelingSlicerLib import xray_adapter
 
         radiograph = Radiograph(np.random.default_rng(0).random((600, 240)).astype(np.float32), (0.5, 0.5))

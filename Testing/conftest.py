@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "VertebralLabeling"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from VertebralLabelingLib.dataset import data_root  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
 
 #: Fixtures that hand out the shared data folder: a test using one reads real data.
 REAL_DATA_FIXTURES = {"mri_bids", "pam50_dir", "aasce"}
@@ -71,7 +71,7 @@ def pam50_dir() -> Path:
 @pytest.fixture(scope="session")
 def labeler():
     """The shipped default model, loaded once for the session."""
-    from VertebralLabelingLib.labeling import DiscLabeler
+    from VertebralLabelingLib.mri.labeling import DiscLabeler
 
     return DiscLabeler.load("compact")
 

@@ -30,8 +30,8 @@ def person_correction(markups, image=None):
     import numpy as np
 
     from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
-    from VertebralLabelingLib.export import read_markups_json
-    from VertebralLabelingLib.labeling import DiscPoint
+    from VertebralLabelingLib.mri.export import read_markups_json
+    from VertebralLabelingLib.mri.labeling import DiscPoint
 
     value_of = dict(zip(DISC_NAMES, DISC_VALUES))
     discs = []
@@ -41,7 +41,7 @@ def person_correction(markups, image=None):
             ras[2] = discs[-1].ras[2] - 6.0
         discs.append(DiscPoint(value_of[label], label, ras, 1.0))
     if image is not None:
-        from VertebralLabelingLib.volume import load_volume
+        from VertebralLabelingLib.mri.volume import load_volume
 
         volume = load_volume(image)
         shape = np.array(volume.array.shape)

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from conftest import REPO, skip_or_fail
 from VertebralLabelingLib import DISC_NAMES
 from VertebralLabelingLib.errors import InputError, ModelError
-from VertebralLabelingLib.phantom import make_phantom
+from VertebralLabelingLib.mri.phantom import make_phantom
 
 MEMORY_LIMIT = 3 << 30
 TIME_LIMIT_S = 60
@@ -152,7 +152,7 @@ def _write_dicom_series(volume_array, folder: Path, spacing=2.0):
 
 
 def test_dicom_series_with_missing_slices_is_refused(tmp_path):
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.volume import load_volume
 
     rng = np.random.default_rng(0)
     array = (rng.random((40, 48, 48)) * 1000).astype(np.int16)
@@ -169,7 +169,7 @@ def test_dicom_series_with_missing_slices_is_refused(tmp_path):
 
 def test_nan_voxels_in_nifti_gz_are_seen(tmp_path, phantom):
     """ITK turns NaN voxels of a NIfTI into 0; the guard must see them as for .mha."""
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.volume import load_volume
 
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom))).astype(np.float32) + 100.0
     few, many = array.copy(), array.copy()
@@ -232,7 +232,7 @@ def test_xray_png_size_bomb_is_refused(tmp_path):
 
 
 def test_symlink_loop_in_bids_lists_each_image_once(tmp_path, phantom):
-    from VertebralLabelingLib.study import find_items
+    from VertebralLabelingLib.study.bids import find_items
 
     anat = tmp_path / "bids" / "sub-01" / "anat"
     anat.mkdir(parents=True)
@@ -314,7 +314,7 @@ def test_full_disk_leaves_no_output_and_the_next_run_works(tmp_path, phantom):
 def test_model_with_wrong_shapes_is_refused(tmp_path):
     import keras
 
-    from VertebralLabelingLib import models
+    from VertebralLabelingLib.mri import networks as models
 
     inputs = keras.Input((None, None, 1))
     wrong_out = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
@@ -382,7 +382,7 @@ def geometry():
 
 
 def test_good_correction_is_accepted(tmp_path, geometry):
-    from VertebralLabelingLib.markups_check import read_disc_points
+    from VertebralLabelingLib.io.markups import read_disc_points
 
     path = tmp_path / "good.mrk.json"
     path.write_text(json.dumps(_markups(_points(GOOD))))
@@ -391,7 +391,7 @@ def test_good_correction_is_accepted(tmp_path, geometry):
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_correction_is_rejected_with_a_reason(tmp_path, geometry, case):
-    from VertebralLabelingLib.markups_check import read_disc_points
+    from VertebralLabelingLib.io.markups import read_disc_points
 
     path = tmp_path / f"{case}.mrk.json"
     path.write_text(_dump(HOSTILE[case]))  # json.dumps writes NaN/Infinity tokens as Python does
@@ -404,7 +404,7 @@ def test_light_format_check_agrees_with_the_markups_schema():
     from conftest import require_module
 
     jsonschema = require_module("jsonschema", "test extra")
-    from VertebralLabelingLib.markups_check import check_markups_format
+    from VertebralLabelingLib.io.markups import check_markups_format
 
     schema = json.loads((REPO / "Testing" / "data" / "markups-schema-v1.0.3.json").read_text())
     validator = jsonschema.Draft7Validator(schema)
@@ -419,8 +419,8 @@ def test_light_format_check_agrees_with_the_markups_schema():
 def _fake_study(root: Path, phantom: Path, corrections: dict):
     """A BIDS dataset of phantoms and a derivative as a batch leaves it (records only), with a
     corrected markups file per subject from ``corrections`` (name -> document)."""
-    from VertebralLabelingLib.markups_check import geometry_of
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.io.markups import geometry_of
+    from VertebralLabelingLib.mri.volume import load_volume
 
     volume = load_volume(phantom)
     bids, deriv = root / "bids", root / "deriv"
@@ -485,7 +485,7 @@ def test_import_and_report_reject_bad_corrections_per_subject(tmp_path, phantom)
 # -- 5. the QC server ------------------------------------------------------------------------
 @pytest.fixture()
 def qc_server(tmp_path):
-    from VertebralLabelingLib.qc_report import make_server, page_template
+    from VertebralLabelingLib.study.qc_report import make_server, page_template
 
     deriv = tmp_path / "deriv"
     (deriv / "qc").mkdir(parents=True)
@@ -573,8 +573,9 @@ def _phantom_bids(root: Path, phantom: Path, n: int) -> Path:
 
 
 def test_interrupted_item_is_redone_and_stale_temporaries_removed(tmp_path, phantom, monkeypatch):
-    from VertebralLabelingLib import outputs
-    from VertebralLabelingLib.study import SUFFIX_RECORD, run_batch
+    from VertebralLabelingLib.io import outputs
+    from VertebralLabelingLib.study.batch import run_batch
+    from VertebralLabelingLib.study.bids import SUFFIX_RECORD
 
     bids = _phantom_bids(tmp_path, phantom, 1)
     deriv = tmp_path / "deriv"
@@ -668,7 +669,7 @@ def test_workers_die_with_a_killed_batch(tmp_path, phantom):
 # -- 7. a double-oblique image ---------------------------------------------------------------
 def _turned(volume, yaw_deg, pitch_deg):
     """The same voxels with the header turned yaw about S and pitch about R (about the centre)."""
-    from VertebralLabelingLib.volume import Volume
+    from VertebralLabelingLib.mri.volume import Volume
 
     a, b = np.radians(yaw_deg), np.radians(pitch_deg)
     yaw = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
@@ -685,7 +686,7 @@ def test_double_oblique_image_is_followed_left_right(labeler, seed, yaw):
     """15 degrees about S and 10 about R: the midsagittal plane stays within 1.5 mm of every disc
     (3-6 mm off when the search only looked along R).  Measured on the plane, not on the labels,
     so the check is about the search whatever the model makes of the geometric phantom."""
-    from VertebralLabelingLib.midsagittal import estimate_midline, extract_midsagittal
+    from VertebralLabelingLib.mri.midsagittal import estimate_midline, extract_midsagittal
 
     volume, discs = make_phantom(seed=seed)
     turned, move = _turned(volume, yaw, 10.0)
@@ -708,8 +709,8 @@ def test_head_turned_beyond_the_search_is_flagged(labeler):
 def test_double_oblique_real_subject_stays_on_the_midline(mri_bids, labeler, yaw):
     """sub-errsm22 turned 15 degrees about S and 10 about R: the discs stay within 3 mm of the
     (equally turned) ground truth left-right."""
-    from VertebralLabelingLib.dataset import read_disc_labels
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.training.dataset import read_disc_labels
+    from VertebralLabelingLib.mri.volume import load_volume
 
     subject = "sub-errsm22"
     volume = load_volume(mri_bids / subject / "anat" / f"{subject}_T2w.nii.gz")

@@ -9,8 +9,8 @@ import SimpleITK as sitk
 
 from VertebralLabelingLib import DISC_NAMES
 from VertebralLabelingLib.cli import main
-from VertebralLabelingLib.models import models_dir
-from VertebralLabelingLib.phantom import make_phantom
+from VertebralLabelingLib.io.models import models_dir
+from VertebralLabelingLib.mri.phantom import make_phantom
 
 
 def run(args, capsys):
@@ -111,7 +111,7 @@ def test_slice_outside_volume(tmp_path, phantom_file, capsys):
 
 
 def test_non_spine_volume_is_flagged_not_crashed(labeler):
-    from VertebralLabelingLib.volume import Volume
+    from VertebralLabelingLib.mri.volume import Volume
 
     rng = np.random.default_rng(1)
     from scipy import ndimage

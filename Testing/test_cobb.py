@@ -1,4 +1,4 @@
-"""Tests of the AASCE reference Cobb-angle method (VertebralLabelingLib/cobb.py).
+"""Tests of the AASCE reference Cobb-angle method (VertebralLabelingLib/xray/cobb.py).
 
 Synthetic spines check the geometry; the 481 ground-truth rows of the AASCE 2019
 training set (SpineWeb dataset 16) check that we reproduce the organisers'
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import require_path
-from VertebralLabelingLib.cobb import CORNER_NAMES, VERTEBRA_NAMES, cobb_angles
-from VertebralLabelingLib.dataset import data_root
+from VertebralLabelingLib.io.files import data_root
+from VertebralLabelingLib.xray.cobb import CORNER_NAMES, VERTEBRA_NAMES, cobb_angles
 
 #: Largest |ours - angles.csv| measured over the 481 x 3 AASCE angles was 0.014 deg (rounding in
 #: the organisers' file); a real change of the method moves some angle by far more.

@@ -142,8 +142,8 @@ def test_cmake_builds_the_module():
     assert "add_subdirectory(CobbAngle)" in top
     # The X-ray core files are installed by the VertebralLabeling module.
     core = (REPO / "VertebralLabeling" / "CMakeLists.txt").read_text()
-    for path in sorted((REPO / "VertebralLabeling" / "VertebralLabelingLib").glob("*xray*.py")):
-        assert f"VertebralLabelingLib/{path.name}" in core, path.name
+    for path in sorted((REPO / "VertebralLabeling" / "VertebralLabelingLib" / "xray").glob("*.py")):
+        assert f"VertebralLabelingLib/xray/{path.name}" in core, path.name
     assert "VertebralLabelingSlicerLib/xray_adapter.py" in core
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from VertebralLabelingLib.labeling import decode_chain
+from VertebralLabelingLib.mri.labeling import decode_chain
 
 STRIDE = 2
 

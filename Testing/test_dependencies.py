@@ -8,10 +8,11 @@ from VertebralLabelingSlicerLib import dependencies
 
 
 def test_requirements_file_is_onnxruntime_with_a_range():
-    (requirement,) = dependencies.read_requirements()
+    requirement, progress = dependencies.read_requirements()
     assert requirement.startswith("onnxruntime") and ">=" in requirement and "<" in requirement
     assert "==" not in requirement  # Slicer's guidance: no exact pins in a module's pip install
     assert dependencies.import_name(requirement) == "onnxruntime"
+    assert progress.startswith("tqdm>=") and dependencies.import_name(progress) == "tqdm"  # study batch
 
 
 def test_import_names_are_what_the_code_imports():
@@ -26,7 +27,7 @@ def test_nothing_is_asked_when_the_runtime_is_importable(monkeypatch):
                         lambda name: looked_for.append(name) or object())
     calls = []
     assert dependencies.ensure_runtime(calls.append, "/nonexistent", calls.append)
-    assert calls == [] and looked_for == ["onnxruntime"]
+    assert calls == [] and looked_for == ["onnxruntime", "tqdm"]
 
 
 def test_install_asks_first_pins_numpy_and_shows_it_is_busy(monkeypatch, tmp_path):
@@ -49,8 +50,9 @@ def test_install_asks_first_pins_numpy_and_shows_it_is_busy(monkeypatch, tmp_pat
 
     assert dependencies.ensure_runtime(lambda r: True, str(tmp_path), installed.append, tag="T", busy=waiting)
     (args,) = installed
-    assert args[:1] == dependencies.read_requirements() and args[1] == "-c"
-    assert open(args[2]).read().strip() == f"numpy=={np.__version__}"
+    n = len(dependencies.read_requirements())
+    assert args[:n] == dependencies.read_requirements() and args[n] == "-c"
+    assert open(args[n + 1]).read().strip() == f"numpy=={np.__version__}"
     assert busy and "onnxruntime" in busy[0]
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from VertebralLabelingLib import export
-from VertebralLabelingLib.labeling import DiscPoint
-from VertebralLabelingLib.phantom import make_phantom
-from VertebralLabelingLib.volume import Volume, load_volume
+from VertebralLabelingLib.mri import export
+from VertebralLabelingLib.mri.labeling import DiscPoint
+from VertebralLabelingLib.mri.phantom import make_phantom
+from VertebralLabelingLib.mri.volume import Volume, load_volume
 
 
 def sample_discs():

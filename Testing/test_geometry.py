@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from VertebralLabelingLib.midsagittal import Midline, estimate_midline, extract_midsagittal
-from VertebralLabelingLib.phantom import make_phantom
-from VertebralLabelingLib.volume import Volume, load_volume
+from VertebralLabelingLib.mri.midsagittal import Midline, estimate_midline, extract_midsagittal
+from VertebralLabelingLib.mri.phantom import make_phantom
+from VertebralLabelingLib.mri.volume import Volume, load_volume
 
 AXIS_ORDERS = ["RAS", "LPS", "PSR", "PIR", "ASL", "LIP"]
 
@@ -119,7 +119,7 @@ def test_dicom_series_folder(tmp_path, phantom):
 def test_trilinear_sampling_matches_scipy():
     from scipy import ndimage
 
-    from VertebralLabelingLib.volume import trilinear
+    from VertebralLabelingLib.mri.volume import trilinear
 
     rng = np.random.default_rng(0)
     array = rng.random((17, 9, 5)).astype(np.float32)
@@ -136,7 +136,7 @@ def test_trilinear_reads_c_ordered_arrays_and_the_transposed_view_from_sitk():
     trilinear must give map_coordinates' values for that layout and for a C-ordered array."""
     from scipy import ndimage
 
-    from VertebralLabelingLib.volume import trilinear
+    from VertebralLabelingLib.mri.volume import trilinear
 
     rng = np.random.default_rng(3)
     array = rng.random((9, 7, 5)).astype(np.float32)
@@ -149,3 +149,55 @@ def test_trilinear_reads_c_ordered_arrays_and_the_transposed_view_from_sitk():
     big = rng.random((40, 30, 20)).astype(np.float32)
     volume = Volume.from_sitk(sitk.GetImageFromArray(np.transpose(big, (2, 1, 0)).copy()))
     np.testing.assert_array_equal(volume.array, big)
+
+
+def _map_coordinates_plane(volume, origin, row, col, shape, displacement, offsets):
+    """The plane sampler as it was written by hand: every pixel's RAS point -> voxel index ->
+    scipy linear interpolation with clamped edges; outside the volume its minimum."""
+    from scipy import ndimage
+
+    rows, cols = np.meshgrid(np.arange(shape[0], dtype=float), np.arange(shape[1], dtype=float), indexing="ij")
+    if displacement is not None:
+        rows, cols = rows + displacement[0], cols + displacement[1]
+    grid = origin + rows[..., None] * row + cols[..., None] * col
+    normal = np.cross(col, row) / np.linalg.norm(np.cross(col, row))
+    total, inside_any = np.zeros(shape), np.zeros(shape, bool)
+    for offset in offsets:
+        ijk = volume.ras_to_index((grid + offset * normal).reshape(-1, 3))
+        inside = np.all((ijk >= -0.5) & (ijk <= np.array(volume.array.shape) - 0.5), axis=1)
+        values = ndimage.map_coordinates(volume.array, ijk.T, order=1, mode="nearest")
+        total += np.where(inside, values, volume.background).reshape(shape)
+        inside_any |= inside.reshape(shape)
+    return total / len(offsets), inside_any
+
+
+@pytest.mark.parametrize("warped", [False, True], ids=["plane", "warped"])
+@pytest.mark.parametrize("offsets", [(0.0,), (-1.5, 0.0, 1.5)], ids=["thin", "slab"])
+def test_resampled_plane_matches_map_coordinates(warped, offsets):
+    """sample_plane (sitk.Resample) against scipy map_coordinates on a random, obliquely placed
+    volume cut by an oblique, anisotropic plane, with a displacement field and slab offsets."""
+    from scipy import ndimage
+
+    from VertebralLabelingLib.mri.midsagittal import sample_plane
+
+    rng = np.random.default_rng(3)
+    array = rng.normal(size=(30, 40, 50)).astype(np.float32)
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([1.2, 0.9, 2.5])
+    matrix[:3, 3] = [-10.0, 5.0, -30.0]
+    volume = Volume(array, matrix)
+    plane, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    row, col = plane[:, 0] * 0.8, plane[:, 1] * 1.1
+    origin = volume.index_to_ras(np.array([[15.0, 20.0, 25.0]]))[0] - 30 * row - 25 * col
+    shape = (60, 50)
+    displacement = ndimage.gaussian_filter(rng.normal(size=(2, *shape)), (0, 4, 4)) * 20 if warped else None
+    got = sample_plane(volume, origin, row, col, shape, displacement, offsets)
+    want, inside = _map_coordinates_plane(volume, origin, row, col, shape, displacement, offsets)
+    assert 0.6 < inside.mean() < 0.95  # the plane leaves the volume: the outside matters too
+    assert np.array_equal(got.inside, inside)
+    assert np.abs(got.image - want).max() <= 1e-5 * np.ptp(array)
+    if warped:
+        assert np.abs(displacement).max() > 2.0  # a real warp, not a rounding of the plain plane
+        plain = sample_plane(volume, origin, row, col, shape, None, offsets)
+        assert np.abs(plain.image - got.image).max() > 0.5

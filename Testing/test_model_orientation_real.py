@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from VertebralLabelingLib.dataset import find_bids_pairs, read_disc_labels
-from VertebralLabelingLib.evaluate import score_subject
-from VertebralLabelingLib.volume import Volume, read_image
+from VertebralLabelingLib.io.images import read_image
+from VertebralLabelingLib.mri.evaluate import score_subject
+from VertebralLabelingLib.mri.training.dataset import find_bids_pairs, read_disc_labels
+from VertebralLabelingLib.mri.volume import Volume
 
 SUBJECT = "sub-errsm20"
 

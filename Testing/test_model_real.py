@@ -9,8 +9,8 @@ The measured numbers are in the README; the floors leave a margin for CPU nondet
 
 import pytest
 
-from VertebralLabelingLib.evaluate import evaluate
-from VertebralLabelingLib.models import models_dir
+from VertebralLabelingLib.io.models import models_dir
+from VertebralLabelingLib.mri.evaluate import evaluate
 
 
 def fold_models():

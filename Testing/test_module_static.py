@@ -174,12 +174,13 @@ def test_modules_import_only_slicer_things_at_top(path):
 
 def test_requirements_file_is_onnxruntime_only_and_tensorflow_never_imported(module_tree):
     """What the Logic installs (test_slicer_modules.py runs it) is a version range of ONNX
-    Runtime; TensorFlow is never installed into Slicer."""
+    Runtime (and tqdm, the study batch's progress bar); TensorFlow is never installed into Slicer."""
     source = MODULE_PY.read_text()
-    (requirements,) = [line.strip() for line in
+    requirements, progress = [line.strip() for line in
                        (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
                        if line.strip() and not line.startswith("#")]
     assert requirements.startswith("onnxruntime") and "==" not in requirements  # a range, not a pin
+    assert progress.startswith("tqdm>=") and "==" not in progress
     assert "tensorflow" not in source.lower().replace("needs tensorflow in slicer", "").replace(
         "tensorflow is never installed", "")
     assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "tensorflow" in ast.unparse(n)
@@ -191,8 +192,8 @@ def test_modules_avoid_deprecated_slicer_calls(module_py):
     assert "GetOrientationString" not in module_py.read_text()  # deprecated in Slicer 5
 
 
-@pytest.mark.parametrize("path", sorted((MODULE_DIR / "VertebralLabelingLib").glob("*.py")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((MODULE_DIR / "VertebralLabelingLib").rglob("*.py")),
+                         ids=lambda p: p.relative_to(MODULE_DIR / "VertebralLabelingLib").as_posix())
 def test_core_never_imports_slicer(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     bad = [name for name in imported_modules(tree) if SLICER_ONLY.search(name.lstrip("."))]
@@ -219,12 +220,12 @@ def test_cmake_installs_every_python_file_and_resource():
     listed, text = cmake_listed(MODULE_DIR / "CMakeLists.txt")
     listed = {name.replace("${MODULE_NAME}", "VertebralLabeling") for name in listed}
     expected = {"VertebralLabeling.py"} | {
-        f"{folder}/{p.name}" for folder in LIB_DIRS for p in (MODULE_DIR / folder).glob("*.py")}
+        p.relative_to(MODULE_DIR).as_posix() for folder in LIB_DIRS for p in (MODULE_DIR / folder).rglob("*.py")}
     assert expected - listed == set(), f"not in CMakeLists.txt: {sorted(expected - listed)}"
     for name in listed:
         assert (MODULE_DIR / name).exists(), f"CMakeLists.txt lists a missing file: {name}"
-    templates = {f"VertebralLabelingLib/templates/{p.name}"
-                 for p in (MODULE_DIR / "VertebralLabelingLib" / "templates").iterdir()}
+    templates = {f"VertebralLabelingLib/study/templates/{p.name}"
+                 for p in (MODULE_DIR / "VertebralLabelingLib" / "study" / "templates").iterdir()}
     assert templates and templates <= listed, "the QC page template must be installed"
     for resource in ("Resources/Icons/VertebralLabeling.png", "Resources/UI/VertebralLabeling.ui",
                      "Resources/requirements.txt"):
@@ -241,8 +242,8 @@ def test_pip_package_includes_the_qc_template():
 
     tomllib = require_module("tomllib", "Python 3.11 or newer")
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = setuptools["package-data"]["VertebralLabelingLib"]
-    lib = MODULE_DIR / "VertebralLabelingLib"
+    patterns = setuptools["package-data"]["VertebralLabelingLib.study"]
+    lib = MODULE_DIR / "VertebralLabelingLib" / "study"
     templates = [p.relative_to(lib).as_posix() for p in (lib / "templates").iterdir()]
     assert templates and all(any(fnmatch.fnmatch(t, pattern) for pattern in patterns) for t in templates)
 

@@ -16,10 +16,11 @@ slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
 vtk = require_module("vtk")
 
 from slicer_markups_files import json_storage, read_with_slicer  # noqa: E402
-from VertebralLabelingLib import DISC_NAMES, export  # noqa: E402
+from VertebralLabelingLib import DISC_NAMES  # noqa: E402
 from VertebralLabelingLib.errors import InputError, VertebralLabelingError  # noqa: E402
-from VertebralLabelingLib.labeling import DiscPoint  # noqa: E402
-from VertebralLabelingLib.volume import Volume  # noqa: E402
+from VertebralLabelingLib.mri import export  # noqa: E402
+from VertebralLabelingLib.mri.labeling import DiscPoint  # noqa: E402
+from VertebralLabelingLib.mri.volume import Volume  # noqa: E402
 from VertebralLabelingSlicerLib import mrml_adapter  # noqa: E402
 from VertebralLabelingSlicerLib.mrml_adapter import UserEditsWouldBeLost  # noqa: E402
 

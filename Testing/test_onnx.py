@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, require_module, require_path
-from VertebralLabelingLib import models as model_lib
-from VertebralLabelingLib.dataset import data_root
 from VertebralLabelingLib.errors import ModelError
+from VertebralLabelingLib.io import models as model_lib
+from VertebralLabelingLib.io.files import data_root
+from VertebralLabelingLib.mri import networks
 
 TOLERANCE = 1e-4
 MODELS = model_lib.models_dir()
@@ -73,7 +74,7 @@ class Recorder:
 
 
 def _mri_volumes():
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.volume import load_volume
 
     bids = require_path(data_root() / "mri" / "bids")
     images = sorted(bids.glob("sub-*/anat/*_T2w.nii.gz"))
@@ -84,9 +85,9 @@ def _mri_volumes():
 def _pairs(kind, meta_path):
     require_module("tensorflow", "the Keras side of the equivalence test")
     if kind == "mri":
-        from VertebralLabelingLib.labeling import DiscLabeler as Labeler
+        from VertebralLabelingLib.mri.labeling import DiscLabeler as Labeler
     else:
-        from VertebralLabelingLib.xray_label import XrayLabeler as Labeler
+        from VertebralLabelingLib.xray.label import XrayLabeler as Labeler
     onnx = Labeler.load(meta_path.with_suffix(".onnx"))
     keras = Labeler.load(meta_path.with_suffix(".keras"))
     assert type(onnx.model).__name__ == "OnnxNetwork" and type(keras.model).__name__ == "KerasNetwork"
@@ -112,10 +113,11 @@ def test_onnx_runtime_equals_keras_on_real_inputs(meta_path):
             np.testing.assert_allclose([d.confidence for d in a.discs], [d.confidence for d in b.discs], atol=1e-3)
             assert [d.flagged for d in a.discs] == [d.flagged for d in b.discs]
     else:
-        from VertebralLabelingLib import xray_data
+        from VertebralLabelingLib.xray import aasce
+        from VertebralLabelingLib.xray import data as xray_data
 
-        aset = xray_data.load_aasce(data_dir=require_path(data_root() / "xray-aasce"))
-        _, val = xray_data.split_names(aset.names)
+        aset = aasce.load_aasce(data_dir=require_path(data_root() / "xray-aasce"))
+        _, val = aasce.split_names(aset.names)
         for index in aset.indices_of(val[:3]):
             radiograph = xray_data.read_radiograph(aset.image_path(index))
             a, b = onnx.label(radiograph), keras.label(radiograph)
@@ -135,7 +137,7 @@ def test_onnx_runtime_equals_keras_on_real_inputs(meta_path):
 @pytest.mark.realdata
 def test_loso_folds_onnx_label_the_subjects_like_the_default_model_expects():
     """The fold models ship as .onnx only (size): each labels a real subject with six discs."""
-    from VertebralLabelingLib.labeling import DiscLabeler
+    from VertebralLabelingLib.mri.labeling import DiscLabeler
 
     volume = _mri_volumes()[0]
     for path in sorted((MODELS / "loso").glob("*.onnx")):
@@ -149,10 +151,10 @@ def eight_channel_export(tmp_path_factory):
     """An (untrained) compact net with 8 output channels: nothing may assume six discs."""
     require_module("tensorflow", "the export")
     require_module("tf2onnx", "the export")
-    from VertebralLabelingLib.onnx_export import export_onnx
+    from VertebralLabelingLib.io.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("export")
-    model = model_lib.build_compact(n_discs=8)
+    model = networks.build_compact(n_discs=8)
     model_lib.save(model, {"architecture": "compact", "name": "eight"}, out, "eight")
     return export_onnx(out / "eight.keras"), model
 
@@ -173,7 +175,7 @@ def test_export_keeps_open_sizes_and_the_models_channel_count(eight_channel_expo
 
 def test_export_refuses_non_keras_files(tmp_path):
     require_module("tensorflow", "the export")
-    from VertebralLabelingLib.onnx_export import export_onnx
+    from VertebralLabelingLib.io.onnx_export import export_onnx
 
     with pytest.raises(ModelError, match="not a .keras"):
         export_onnx(MODELS / "compact.onnx")
@@ -194,9 +196,9 @@ def test_export_command_reports_bad_files_with_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize("content", [b"", b"\x08\x01garbage" * 50], ids=["empty", "garbage"])
 def test_corrupt_onnx_is_a_model_error(tmp_path, content, capsys):
     from VertebralLabelingLib.cli import main
-    from VertebralLabelingLib.labeling import DiscLabeler
-    from VertebralLabelingLib.phantom import make_phantom
-    from VertebralLabelingLib.volume import write_image_atomic
+    from VertebralLabelingLib.io.images import write_image_atomic
+    from VertebralLabelingLib.mri.labeling import DiscLabeler
+    from VertebralLabelingLib.mri.phantom import make_phantom
 
     (tmp_path / "bad.onnx").write_bytes(content)
     (tmp_path / "bad.json").write_text((MODELS / "compact.json").read_text())
@@ -212,7 +214,7 @@ def test_corrupt_onnx_is_a_model_error(tmp_path, content, capsys):
 
 
 def test_an_mri_onnx_is_not_an_xray_model(tmp_path):
-    from VertebralLabelingLib.xray_label import XrayLabeler
+    from VertebralLabelingLib.xray.label import XrayLabeler
 
     with pytest.raises(ModelError, match="not an X-ray landmark model"):
         XrayLabeler.load(MODELS / "compact.onnx")
@@ -270,9 +272,9 @@ def test_batch_and_xray_label_run_without_tensorflow(tmp_path):
     proc = _run_without_tensorflow(tmp_path, ["batch", "--bids", bids, "--out", tmp_path / "deriv"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "deriv" / "sub-a" / "anat" / "sub-a_T2w_discs.json").read_text())["status"] == "ok"
-    from VertebralLabelingLib import xray_data
+    from VertebralLabelingLib.xray import aasce
 
-    aset = xray_data.load_aasce(data_dir=require_path(data_root() / "xray-aasce"))
+    aset = aasce.load_aasce(data_dir=require_path(data_root() / "xray-aasce"))
     proc = _run_without_tensorflow(tmp_path, ["xray", "label", aset.image_path(0), "-o", tmp_path / "x.mrk.json"])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "x.mrk.json").exists()
@@ -310,9 +312,9 @@ def test_disc_model_shapes_are_checked_for_onnx_too(tmp_path):
     """The shape check of a disc model reads the .onnx session's shapes: six heatmaps or more
     (the extra any-disc and dens-tip channels) pass; fewer channels, or a 3-channel input, not."""
     require_module("onnx")
-    network, _ = model_lib.load(_concat_onnx(tmp_path / "eight.onnx", 1, 8))
+    network, _ = networks.load(_concat_onnx(tmp_path / "eight.onnx", 1, 8))
     assert network.output_channels == [8] and network.input_shapes == [(None, None, None, 1)]
-    model_lib.load(_concat_onnx(tmp_path / "six.onnx", 1, 6))
+    networks.load(_concat_onnx(tmp_path / "six.onnx", 1, 6))
     for name, c_in, c_out in (("three-out", 1, 3), ("three-in", 3, 6)):
         with pytest.raises(ModelError, match="not a VertebralLabeling disc model"):
-            model_lib.load(_concat_onnx(tmp_path / f"{name}.onnx", c_in, c_out))
+            networks.load(_concat_onnx(tmp_path / f"{name}.onnx", c_in, c_out))

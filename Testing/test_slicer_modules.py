@@ -69,7 +69,7 @@ def test_one_edit_error_class_for_both_adapters():
 
 # -- VertebralLabelingLogic -------------------------------------------------------------------
 def disc_logic(vl, calls):
-    from VertebralLabelingLib.labeling import DiscPoint
+    from VertebralLabelingLib.mri.labeling import DiscPoint
 
     class FakeLabeler:
         def label(self, volume, slice_r_mm=None, progress=None):
@@ -86,7 +86,7 @@ def disc_logic(vl, calls):
 def volume_node(vl):
     import slicer
 
-    from VertebralLabelingLib.phantom import make_phantom
+    from VertebralLabelingLib.mri.phantom import make_phantom
     from VertebralLabelingSlicerLib import mrml_adapter
 
     volume, _ = make_phantom(seed=0)
@@ -113,7 +113,7 @@ def test_disc_logic_writes_labeled_points_and_guards_edits(vl, volume_node):
 
 
 def test_disc_logic_exports_the_edited_points(vl, volume_node, tmp_path):
-    from VertebralLabelingLib.export import read_markups_json
+    from VertebralLabelingLib.mri.export import read_markups_json
 
     logic = disc_logic(vl, [])
     node = logic.process(volume_node)
@@ -145,7 +145,7 @@ def test_logic_keeps_one_labeler_per_model_and_needs_no_runtime_with_a_fake(vl):
 def radiograph_node(cobb):
     import slicer
 
-    from VertebralLabelingLib.xray_data import Radiograph
+    from VertebralLabelingLib.xray.data import Radiograph
     from VertebralLabelingSlicerLib import xray_adapter
 
     radiograph = Radiograph(np.random.default_rng(0).random((600, 240)).astype(np.float32), (0.5, 0.5))
@@ -153,7 +153,7 @@ def radiograph_node(cobb):
 
 
 def corner_logic(cobb, radiograph, calls):
-    from VertebralLabelingLib.xray_label import cobb_from_physical
+    from VertebralLabelingLib.xray.label import cobb_from_physical
     from VertebralLabelingSlicerLib import xray_adapter
 
     points = xray_adapter.template_points(radiograph)

@@ -15,10 +15,13 @@ import SimpleITK as sitk
 from conftest import REPO
 from study_common import SUBJECTS, batch, fold_model, run_cli
 from VertebralLabelingLib import DISC_NAMES
-from VertebralLabelingLib.dataset import read_disc_labels
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.export import read_markups_json
-from VertebralLabelingLib.study import TABLE_COLUMNS, find_items, parse_shard, read_json, shard_from_env
+from VertebralLabelingLib.io.files import read_json
+from VertebralLabelingLib.mri.export import read_markups_json
+from VertebralLabelingLib.mri.training.dataset import read_disc_labels
+from VertebralLabelingLib.study.bids import find_items
+from VertebralLabelingLib.study.plan import parse_shard, shard_from_env
+from VertebralLabelingLib.study.table import TABLE_COLUMNS
 
 
 def anat(deriv, sub):
@@ -181,11 +184,11 @@ def test_threads_in_one_process_give_the_points_of_one_at_a_time(study, tmp_path
 
 def test_stopping_the_threaded_batch_drops_the_queued_images(tmp_path, mri_bids):
     """Ctrl-C (the consumer stops): the running image finishes, the queued ones are not labeled."""
-    from VertebralLabelingLib import study as study_lib
+    from VertebralLabelingLib.study import workers as study_lib
 
     items = find_items(mri_bids)
-    study_lib._init_worker(fold_model(), 1)
-    records = study_lib._label_in_threads(items, tmp_path, "v", mri_bids, threads=1)
+    study_lib.init_worker(fold_model(), 1)
+    records = study_lib.label_in_threads(items, tmp_path, "v", mri_bids, threads=1)
     first = next(records)
     records.close()
     written = list(tmp_path.rglob("*_discs.json"))
@@ -250,15 +253,17 @@ def test_slurm_array_script_labels_disjoint_shards(tmp_path, mri_bids):
 def test_progress_bar_shows_rate_and_eta():
     import io
 
-    from VertebralLabelingLib.study import Progress
+    from VertebralLabelingLib.study.batch import progress_bar
 
-    stream = io.StringIO()
-    bar = Progress(4, stream, width=8)
-    assert "0/4" in bar.line() and "ETA --:--" in bar.line()
-    bar.start -= 10.0  # 10 s ago
-    bar.step("sub-a ok")
-    line = stream.getvalue().strip()
-    assert line.startswith("[##......] 1/4 0.10 vol/s") and "ETA 00:30" in line and line.endswith("sub-a ok")
+    stream = io.StringIO()  # not a terminal: one line per update
+    with progress_bar(4, stream) as bar:
+        bar.start_t -= 10.0  # started 10 s ago
+        bar.set_postfix_str("sub-a ok", refresh=False)
+        bar.update()
+    first, line = stream.getvalue().splitlines()
+    assert "0/4" in first and "ETA ?" in first
+    assert line.startswith("[#######") and " 1/4  0.10vol/s elapsed 00:10 ETA 00:30" in line
+    assert line.endswith("sub-a ok") and "\r" not in stream.getvalue()
 
 
 def test_sessions_and_read_only_dataset(tmp_path, mri_bids, capsys):

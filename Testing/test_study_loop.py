@@ -11,16 +11,11 @@ import pytest
 
 from study_common import SUBJECTS, batch, person_correction, run_cli
 from VertebralLabelingLib import DISC_NAME_BY_VALUE
-from VertebralLabelingLib.corrections import (
-    corrected_path,
-    is_human_corrected,
-    label_is_human,
-    save_corrected,
-)
-from VertebralLabelingLib.dataset import load_bids_subjects, read_disc_labels
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.labeling import DiscPoint
-from VertebralLabelingLib.study import sha256_file, write_json
+from VertebralLabelingLib.io.files import label_is_human, sha256_file, write_json
+from VertebralLabelingLib.mri.labeling import DiscPoint
+from VertebralLabelingLib.mri.training.dataset import load_bids_subjects, read_disc_labels
+from VertebralLabelingLib.study.corrections import corrected_path, is_human_corrected, save_corrected
 
 
 def rows(deriv):
@@ -114,7 +109,7 @@ def test_import_refuses_to_replace_labels_it_did_not_write(tmp_path, mri_bids):
     deriv = tmp_path / "deriv"
     assert batch(mri_bids, deriv, "--subjects", "sub-sctcrop") == 0
     with pytest.raises(InputError, match="No corrected markups"):
-        from VertebralLabelingLib.corrections import import_corrections
+        from VertebralLabelingLib.study.corrections import import_corrections
 
         import_corrections(deriv, tmp_path / "labels")
     markups = deriv / "sub-sctcrop" / "anat" / "sub-sctcrop_T2w_discs.mrk.json"

@@ -13,10 +13,10 @@ slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
 
 from study_common import SUBJECTS, batch  # noqa: E402
 from VertebralLabelingLib import DISC_NAMES  # noqa: E402
-from VertebralLabelingLib.corrections import is_human_corrected  # noqa: E402
 from VertebralLabelingLib.errors import InputError  # noqa: E402
-from VertebralLabelingLib.export import read_markups_json  # noqa: E402
-from VertebralLabelingLib.study import study_entries  # noqa: E402
+from VertebralLabelingLib.mri.export import read_markups_json  # noqa: E402
+from VertebralLabelingLib.study.corrections import is_human_corrected  # noqa: E402
+from VertebralLabelingLib.study.table import study_entries  # noqa: E402
 from VertebralLabelingSlicerLib import mrml_adapter  # noqa: E402
 
 

@@ -131,8 +131,10 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
 
     click(browser, "sub-sctcrop_T2w", "fail")
     click(browser, "sub-errsm18_T2w", "pass")
-    assert "fail" in browser.find_element(By.CSS_SELECTOR, '.card[data-key="sub-sctcrop_T2w"]').get_attribute("class")
-    assert "1 pass, 1 fail, 2 to review" in browser.find_element(By.ID, "counts").text
+    # The page re-renders after a click: wait for it (a busy machine may take a moment).
+    wait_for(lambda: "fail" in browser.find_element(By.CSS_SELECTOR, '.card[data-key="sub-sctcrop_T2w"]')
+             .get_attribute("class"), what="the fail mark on the card")
+    wait_for(lambda: "1 pass, 1 fail, 2 to review" in browser.find_element(By.ID, "counts").text, what="the counts")
 
     browser.refresh()  # kept in localStorage
     loaded(browser)
@@ -163,7 +165,7 @@ def test_qc_page_lists_subjects_and_persists_marks(study, browser, mri_bids):
 def test_served_page_saves_into_the_derivative(study, browser):
     from selenium.webdriver.common.by import By
 
-    from VertebralLabelingLib.qc_report import make_server
+    from VertebralLabelingLib.study.qc_report import make_server
 
     target = study / "qc" / "qc.json"
     if target.exists():
@@ -190,7 +192,7 @@ def test_server_writes_only_valid_qc_json(study):
     import urllib.error
     import urllib.request
 
-    from VertebralLabelingLib.qc_report import make_server
+    from VertebralLabelingLib.study.qc_report import make_server
 
     server = make_server(study, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

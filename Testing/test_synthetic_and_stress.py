@@ -8,26 +8,28 @@ import pytest
 import SimpleITK as sitk
 
 from VertebralLabelingLib import DISC_NAMES
-from VertebralLabelingLib import synthetic_spine as synth
-from VertebralLabelingLib.dataset import read_disc_labels
-from VertebralLabelingLib.evaluate import _summary, is_wrong
-from VertebralLabelingLib.labeling import DiscPoint, LevelCount, check_level_by_count, count_from_c2
-from VertebralLabelingLib.midsagittal import SagittalSlice
-from VertebralLabelingLib.stress import make_variant
+from VertebralLabelingLib.mri import synthetic_samples as samples
+from VertebralLabelingLib.mri import synthetic_spine as synth
+from VertebralLabelingLib.mri.evaluate import _summary, is_wrong
+from VertebralLabelingLib.mri.labeling import DiscPoint
+from VertebralLabelingLib.mri.level_count import LevelCount, check_level_by_count, count_from_c2
+from VertebralLabelingLib.mri.midsagittal import SagittalSlice
+from VertebralLabelingLib.mri.stress import make_variant
+from VertebralLabelingLib.mri.training.dataset import read_disc_labels
 
 
 # -- generator ---------------------------------------------------------------------------------
 def test_render_is_reproducible_by_seed():
-    a = synth.render_sample(np.random.default_rng(7))
-    b = synth.render_sample(np.random.default_rng(7))
-    c = synth.render_sample(np.random.default_rng(8))
+    a = samples.render_sample(np.random.default_rng(7))
+    b = samples.render_sample(np.random.default_rng(7))
+    c = samples.render_sample(np.random.default_rng(8))
     assert np.array_equal(a.image, b.image) and np.array_equal(a.levels, b.levels, equal_nan=True)
     assert not np.array_equal(a.image, c.image)
 
 
 def test_anatomy_is_in_cranio_caudal_order_with_dens_on_top():
     for seed in range(10):
-        spine = synth.random_spine(np.random.default_rng(seed))
+        spine = samples.random_spine(np.random.default_rng(seed))
         tips = spine.disc_tips()
         s = [tips[v][2] for v in sorted(tips)]
         assert np.all(np.diff(s) < -5), f"seed {seed}: discs not descending {np.round(s, 1)}"
@@ -37,7 +39,7 @@ def test_anatomy_is_in_cranio_caudal_order_with_dens_on_top():
 
 
 def test_tissues_at_known_places():
-    spine = synth.random_spine(np.random.default_rng(3))
+    spine = samples.random_spine(np.random.default_rng(3))
     tips = spine.disc_tips()
     k = 4  # plane index of value 6 (C5/C6)
     nucleus = spine.planes[k] + 0.5 * spine.body_depth[k - 1] * spine.anteriors[k]
@@ -58,7 +60,7 @@ def test_targets_are_on_the_rendered_discs():
     rng = np.random.default_rng(11)
     hits = 0
     for _ in range(6):
-        sample = synth.render_sample(rng, family="T2")
+        sample = samples.render_sample(rng, family="T2")
         assert sample.image.shape == (192, 128) and sample.image.dtype == np.float32
         visible = sample.levels[~np.isnan(sample.levels[:, 0])]
         assert np.all((visible >= 0) & (visible < [192, 128]))
@@ -67,9 +69,9 @@ def test_targets_are_on_the_rendered_discs():
     assert hits > 6
 
 
-@pytest.mark.parametrize("family", synth.CONTRAST_FAMILIES)
+@pytest.mark.parametrize("family", samples.CONTRAST_FAMILIES)
 def test_every_contrast_renders(family):
-    sample = synth.render_sample(np.random.default_rng(1), family=family)
+    sample = samples.render_sample(np.random.default_rng(1), family=family)
     assert np.isfinite(sample.image).all() and sample.image.max() > 0.5
 
 
@@ -77,7 +79,7 @@ def test_real_chain_shapes_are_scale_free(tmp_path):
     path = tmp_path / "chains.csv"
     path.write_text("subject,contrast,disc,row,col\n" + "".join(
         f"s1,T2w,{d},{200 - 20 * d},{100 + d}\n" for d in range(1, 11)))
-    shapes = synth.real_chain_shapes(str(path))
+    shapes = samples.real_chain_shapes(str(path))
     assert len(shapes) == 1
     values, pts = shapes[0]
     assert values[0] == 2 and np.allclose(np.linalg.norm(np.diff(pts, axis=0), axis=1), 1.0, atol=0.01)
@@ -176,7 +178,7 @@ def _labeled_subject(mri_bids, sub="sub-errsm20"):
 def test_field_of_view_variants_drop_the_discs_out_of_view(mri_bids, tmp_path, kind, dropped):
     image, discs = _labeled_subject(mri_bids)
     cropped, _ = make_variant(image, discs, kind)
-    from VertebralLabelingLib.stress import labels_in_grid
+    from VertebralLabelingLib.mri.stress import labels_in_grid
 
     sitk.WriteImage(labels_in_grid(discs, cropped), str(tmp_path / "l.nii.gz"))
     kept = read_disc_labels(tmp_path / "l.nii.gz", values=range(1, 26))
@@ -208,7 +210,7 @@ def test_thick_slices_resample_left_right(mri_bids):
 @pytest.mark.slow
 def test_stress_command_writes_an_evaluable_dataset(mri_bids, tmp_path):
     from VertebralLabelingLib.cli import main
-    from VertebralLabelingLib.dataset import find_bids_pairs
+    from VertebralLabelingLib.mri.training.dataset import find_bids_pairs
 
     assert main(["stress", "--bids", str(mri_bids), "--out", str(tmp_path), "--variants", "fov-c3", "dark"]) == 0
     for variant in ("fov-c3", "dark"):
@@ -223,9 +225,9 @@ def test_demo_synthetic_volume_is_labeled_by_the_shipped_model(tmp_path):
     """`phantom --synthetic` (the demo's default input) round-trips through a file, and the
     shipped model puts every disc within 3 mm of its known posterior tip (sagittal plane)."""
     from VertebralLabelingLib.cli import main
-    from VertebralLabelingLib.labeling import DiscLabeler
-    from VertebralLabelingLib.synthetic_spine import synthetic_volume
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.labeling import DiscLabeler
+    from VertebralLabelingLib.mri.synthetic_samples import synthetic_volume
+    from VertebralLabelingLib.mri.volume import load_volume
 
     path = tmp_path / "demo.nii.gz"
     assert main(["phantom", str(path), "--synthetic"]) == 0

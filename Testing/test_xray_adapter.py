@@ -14,11 +14,11 @@ slicer = require_module("slicer", "the slicer-core wheel gives headless MRML")
 vtk = require_module("vtk")
 
 from slicer_markups_files import json_storage, read_with_slicer  # noqa: E402
-from VertebralLabelingLib import xray_export  # noqa: E402
-from VertebralLabelingLib.cobb import cobb_angles  # noqa: E402
 from VertebralLabelingLib.errors import InputError  # noqa: E402
-from VertebralLabelingLib.xray_data import POINT_LABELS, Radiograph  # noqa: E402
-from VertebralLabelingLib.xray_label import cobb_from_physical  # noqa: E402
+from VertebralLabelingLib.xray import export as xray_export  # noqa: E402
+from VertebralLabelingLib.xray.cobb import cobb_angles  # noqa: E402
+from VertebralLabelingLib.xray.data import POINT_LABELS, Radiograph  # noqa: E402
+from VertebralLabelingLib.xray.label import cobb_from_physical  # noqa: E402
 from VertebralLabelingSlicerLib import xray_adapter  # noqa: E402
 
 SCHEMA = __import__("pathlib").Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"

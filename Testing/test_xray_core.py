@@ -11,11 +11,14 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import require_module, require_path
-from VertebralLabelingLib import cli, xray_data, xray_export
-from VertebralLabelingLib.cobb import cobb_angles
-from VertebralLabelingLib.dataset import data_root
+from VertebralLabelingLib import cli
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.xray_label import cobb_from_points, decode
+from VertebralLabelingLib.io.files import data_root
+from VertebralLabelingLib.xray import aasce as aasce_lib
+from VertebralLabelingLib.xray import data as xray_data
+from VertebralLabelingLib.xray import export as xray_export
+from VertebralLabelingLib.xray.cobb import cobb_angles
+from VertebralLabelingLib.xray.label import cobb_from_points, decode
 
 SCHEMA = Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
 
@@ -141,7 +144,7 @@ def test_targets_decode_back_to_the_points():
 def test_augmentation_keeps_points_on_the_image():
     """A dot drawn at a landmark is still under the landmark after a random transform."""
     rng = np.random.default_rng(3)
-    cache = np.zeros(xray_data.CACHE_SHAPE, np.uint8)
+    cache = np.zeros(aasce_lib.CACHE_SHAPE, np.uint8)
     pts = spine_points(centre_x=224, top=50, pitch=32)
     for x, y in pts[::4].astype(int):  # TL corners
         cache[y - 2: y + 3, x - 2: x + 3] = 255
@@ -157,14 +160,14 @@ def test_decode_needs_17_peaks():
 
 
 def test_split_is_fixed_and_patient_level(aasce):
-    aset = xray_data.load_aasce(data_dir=aasce)
-    train, val = xray_data.split_names(aset.names)
+    aset = aasce_lib.load_aasce(data_dir=aasce)
+    train, val = aasce_lib.split_names(aset.names)
     assert len(train) + len(val) == len(aset.names) == 481
     assert 70 <= len(val) <= 95 and not set(train) & set(val)
-    assert not {xray_data.patient_key(n) for n in train} & {xray_data.patient_key(n) for n in val}
-    assert xray_data.split_names(list(reversed(aset.names)))[1] == list(reversed(val))
-    assert xray_data.patient_key("sunhl-1th-02-Jan-2017-162 A AP.jpg") == \
-        xray_data.patient_key("sunhl-1th-02-Jan-2017-162 B AP.jpg")
+    assert not {aasce_lib.patient_key(n) for n in train} & {aasce_lib.patient_key(n) for n in val}
+    assert aasce_lib.split_names(list(reversed(aset.names)))[1] == list(reversed(val))
+    assert aasce_lib.patient_key("sunhl-1th-02-Jan-2017-162 A AP.jpg") == \
+        aasce_lib.patient_key("sunhl-1th-02-Jan-2017-162 B AP.jpg")
 
 
 # -- Cobb from points ----------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def mirrored(points, width=xray_data.INPUT_SHAPE[1]):
 
 
 def test_flip_averaging_maps_the_mirrored_output_back():
-    from VertebralLabelingLib.xray_label import XrayLabeler
+    from VertebralLabelingLib.xray.label import XrayLabeler
 
     pts = spine_points(np.linspace(-8, 10, 17), centre_x=150, top=50, pitch=32,
                        lateral=15 * np.sin(np.linspace(0, 3, 17)))
@@ -300,7 +303,7 @@ def test_flip_averaging_maps_the_mirrored_output_back():
 
 
 def test_tilt_smoothing():
-    from VertebralLabelingLib.xray_label import smooth_tilts, vertebra_tilts
+    from VertebralLabelingLib.xray.label import smooth_tilts, vertebra_tilts
 
     straight = spine_points()
     np.testing.assert_allclose(smooth_tilts(straight, 0.5), straight, atol=1e-9)

@@ -15,10 +15,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import require_path
-from VertebralLabelingLib import cli, xray_data
-from VertebralLabelingLib.dataset import data_root
+from VertebralLabelingLib import cli
 from VertebralLabelingLib.errors import ModelError
-from VertebralLabelingLib.xray_evaluate import smape
+from VertebralLabelingLib.io.files import data_root
+from VertebralLabelingLib.xray import aasce as aasce_lib
+from VertebralLabelingLib.xray import data as xray_data
+from VertebralLabelingLib.xray.evaluate import smape
 
 #: Validation images used here (the first N of the fixed patient-level validation split).
 N_IMAGES = 6
@@ -37,15 +39,15 @@ def aasce():
 
 @pytest.fixture(scope="module")
 def xray_labeler():
-    from VertebralLabelingLib.xray_label import XrayLabeler
+    from VertebralLabelingLib.xray.label import XrayLabeler
 
     return XrayLabeler.load("xray-compact")
 
 
 @pytest.fixture(scope="module")
 def validation(aasce):
-    aset = xray_data.load_aasce(data_dir=aasce)
-    _, val = xray_data.split_names(aset.names)
+    aset = aasce_lib.load_aasce(data_dir=aasce)
+    _, val = aasce_lib.split_names(aset.names)
     return aset, aset.indices_of(val[:N_IMAGES])
 
 
@@ -140,8 +142,8 @@ def test_cli_evaluate_on_the_validation_split(aasce, tmp_path):
 
 # -- bad model files -----------------------------------------------------------------------------
 def test_corrupt_model_file(tmp_path, capsys):
-    from VertebralLabelingLib.xray_label import XrayLabeler
-    from VertebralLabelingLib.xray_model import models_dir_file
+    from VertebralLabelingLib.xray.label import XrayLabeler
+    from VertebralLabelingLib.xray.network import models_dir_file
 
     (tmp_path / "bad.keras").write_bytes(b"this is not a zip file")
     shutil.copy(models_dir_file("xray-compact.json"), tmp_path / "bad.json")
@@ -157,8 +159,8 @@ def test_corrupt_model_file(tmp_path, capsys):
 
 
 def test_wrong_kind_of_model(tmp_path):
-    from VertebralLabelingLib.xray_label import XrayLabeler
-    from VertebralLabelingLib.xray_model import models_dir_file
+    from VertebralLabelingLib.xray.label import XrayLabeler
+    from VertebralLabelingLib.xray.network import models_dir_file
 
     shutil.copy(models_dir_file("xray-compact.keras"), tmp_path / "mri.keras")
     (tmp_path / "mri.json").write_text(json.dumps({"architecture": "compact"}))

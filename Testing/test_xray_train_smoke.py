@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from VertebralLabelingLib import cli
-from VertebralLabelingLib.xray_label import XrayLabeler
+from VertebralLabelingLib.xray.label import XrayLabeler
 
 
 def synthetic_aasce(root, n=6, seed=0):
@@ -60,3 +60,51 @@ def test_train_command_makes_a_loadable_model(tmp_path, capsys):
     exported = XrayLabeler.load(out / "tiny.onnx")
     heat2, offsets2 = exported._network(np.zeros((1, 640, 320, 1), np.float32))
     assert np.abs(heat2 - heat).max() <= 1e-4 and np.abs(offsets2 - offsets).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    from VertebralLabelingLib.io.models import import_keras
+    from VertebralLabelingLib.xray import train as xray_train
+
+    keras = import_keras()
+    schedule, length = xray_train.cosine_schedule(keras, 1e-3, steps=1100)
+    lr = [float(schedule(step)) for step in (0, 50, 100, 600, 1100, 5000)]
+    assert lr[0] == pytest.approx(1e-5) and lr[1] == pytest.approx(0.505e-3, rel=1e-3)
+    assert lr[2] == pytest.approx(1e-3) and lr[3] == pytest.approx(0.51e-3, rel=1e-3)  # half way down
+    assert lr[4] == pytest.approx(2e-5) and lr[5] == pytest.approx(2e-5)  # FINAL_LR_FRACTION, then flat
+    length.assign(400.0)  # the budget callback shortens the cosine: the end comes at step 500
+    assert float(schedule(500)) == pytest.approx(2e-5) and float(schedule(300)) == pytest.approx(0.51e-3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_training_batches_put_each_centre_on_its_vertebra(tmp_path):
+    """The tf.data pipeline yields (x, (heatmap, offsets + mask)); the heatmap peaks are the
+    vertebra centres of the augmented image, and the offsets there point at the corners."""
+    import tensorflow as tf
+
+    from VertebralLabelingLib.xray import data as xray_data
+    from VertebralLabelingLib.xray import train as xray_train
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3,) + (640, 448)).astype(np.uint8)
+    points = np.zeros((3, 68, 2), np.float32)
+    for i in range(3):  # 17 boxes down the middle of a 448 x 640 cache image
+        for v in range(17):
+            x0, y0 = 190 + 4 * i, 40 + 34 * v
+            points[i, 4 * v: 4 * v + 4] = [(x0, y0), (x0 + 60, y0), (x0, y0 + 24), (x0 + 60, y0 + 24)]
+    dataset = xray_train.make_dataset(tf, images, points, batch_size=2, seed=3)
+    x, (heat, offsets) = next(iter(dataset))
+    assert x.shape == (2, 640, 320, 1) and heat.shape == (2, 160, 80, 1) and offsets.shape == (2, 160, 80, 9)
+    batch = next(xray_train.batches(images, points, 2, seed=3))  # the same first batch, in numpy
+    assert np.allclose(batch[0], x.numpy()) and np.allclose(batch[1], heat.numpy())
+    heat, offsets = heat.numpy()[0, ..., 0], offsets.numpy()[0]
+    centres = np.argwhere(heat == 1.0)  # one exact peak per vertebra
+    assert len(centres) == 17
+    for row, col in centres:
+        assert offsets[row, col, 8] == 1.0  # regression mask at the centre
+        corners = offsets[row, col, :8].reshape(4, 2) * xray_data.OFFSET_SCALE + [col * 4 + 1.5, row * 4 + 1.5]
+        centre = corners.mean(axis=0)
+        assert np.hypot(*(centre - [col * 4 + 1.5, row * 4 + 1.5])) <= 4 * 0.75  # within the cell
+        width, height = np.ptp(corners[:, 0]), np.ptp(corners[:, 1])
+        assert 30 < width < 120 and 10 < height < 60  # a box's corners, scaled by the augmentation

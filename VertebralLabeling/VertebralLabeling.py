@@ -309,7 +309,7 @@ class VertebralLabelingLogic(SpineModuleLogic):
         self._studyNodes = []
 
     def loadLabeler(self, modelName):
-        from VertebralLabelingLib.labeling import DiscLabeler
+        from VertebralLabelingLib.mri.labeling import DiscLabeler
 
         return DiscLabeler.load(modelName)
 
@@ -344,7 +344,7 @@ class VertebralLabelingLogic(SpineModuleLogic):
     # -- study review ----------------------------------------------------------------------
     def openStudy(self, derivDir) -> list:
         """Read a batch derivative folder; returns the keys of its images (nothing loaded yet)."""
-        from VertebralLabelingLib.study import study_entries
+        from VertebralLabelingLib.study.table import study_entries
 
         entries = study_entries(derivDir)
         self.closeStudyItem()
@@ -399,7 +399,7 @@ class VertebralLabelingLogic(SpineModuleLogic):
     @staticmethod
     def export(markupsNode, path, kind, volumeNode=None) -> None:
         """Write the node's current points with the core writers (json, csv or nifti)."""
-        from VertebralLabelingLib import export
+        from VertebralLabelingLib.mri import export
         from VertebralLabelingSlicerLib import mrml_adapter
 
         discs = mrml_adapter.discs_from_node(markupsNode)
@@ -424,7 +424,7 @@ class VertebralLabelingTest(SpineModuleTest):
     bundledModelTests = ("test_VertebralLabeling1", "test_StudyReview")
 
     def _phantomNode(self):
-        from VertebralLabelingLib.phantom import make_phantom
+        from VertebralLabelingLib.mri.phantom import make_phantom
         from VertebralLabelingSlicerLib import mrml_adapter
 
         volume, truth = make_phantom(seed=0)
@@ -453,7 +453,7 @@ class VertebralLabelingTest(SpineModuleTest):
         import numpy as np
 
         from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
-        from VertebralLabelingLib.labeling import DiscPoint
+        from VertebralLabelingLib.mri.labeling import DiscPoint
         from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost
 
         volumeNode, truth = self._phantomNode()
@@ -482,9 +482,9 @@ class VertebralLabelingTest(SpineModuleTest):
         import tempfile
         from pathlib import Path
 
-        from VertebralLabelingLib.phantom import make_phantom
-        from VertebralLabelingLib.study import run_batch
-        from VertebralLabelingLib.volume import write_image_atomic
+        from VertebralLabelingLib.io.images import write_image_atomic
+        from VertebralLabelingLib.mri.phantom import make_phantom
+        from VertebralLabelingLib.study.batch import run_batch
 
         self.delayDisplay("Study review on a two-phantom study")
         root = Path(tempfile.mkdtemp(prefix="VertebralLabelingStudy"))

@@ -20,10 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from VertebralLabelingLib import models  # noqa: E402
-from VertebralLabelingLib.dataset import data_root, find_bids_pairs  # noqa: E402
-from VertebralLabelingLib.labeling import DiscLabeler  # noqa: E402
-from VertebralLabelingLib.volume import load_volume  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.mri import networks as models  # noqa: E402
+from VertebralLabelingLib.mri.labeling import DiscLabeler  # noqa: E402
+from VertebralLabelingLib.mri.training.dataset import find_bids_pairs  # noqa: E402
+from VertebralLabelingLib.mri.volume import load_volume  # noqa: E402
 
 
 def seconds_per_case(labeler, volumes, repeats):

@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python - "$DATA" <<'PY'
 import sys
 sys.path.insert(0, "VertebralLabeling")
-from VertebralLabelingLib.train import train
+from VertebralLabelingLib.mri.training.train import train
 data = sys.argv[1]
 train("runs/romero", f"{data}/mri/bids", f"{data}/mri/pam50", architecture="romero2018",
       steps=1000, batch_size=8, seed=0, time_budget_s=11 * 60, exclude=("sub-errsm20", "sub-sctcrop"),

@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "VertebralLabeling"))
 
-from VertebralLabelingLib.dataset import data_root  # noqa: E402
-from VertebralLabelingLib.evaluate import evaluate, fold_models  # noqa: E402
-from VertebralLabelingLib.stress import VARIANTS, write_stress_dataset  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.mri.evaluate import evaluate, fold_models  # noqa: E402
+from VertebralLabelingLib.mri.stress import VARIANTS, write_stress_dataset  # noqa: E402
 
 MODELS = ROOT / "VertebralLabeling" / "Resources" / "Models"
 

@@ -18,12 +18,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from PIL import Image  # noqa: E402
 
-from VertebralLabelingLib.dataset import data_root, find_bids_pairs  # noqa: E402
-from VertebralLabelingLib.export import qc_image  # noqa: E402
-from VertebralLabelingLib.labeling import DiscLabeler  # noqa: E402
-from VertebralLabelingLib.models import models_dir  # noqa: E402
-from VertebralLabelingLib.synthetic_spine import synthetic_volume  # noqa: E402
-from VertebralLabelingLib.volume import load_volume  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.io.models import models_dir  # noqa: E402
+from VertebralLabelingLib.mri.export import qc_image  # noqa: E402
+from VertebralLabelingLib.mri.labeling import DiscLabeler  # noqa: E402
+from VertebralLabelingLib.mri.synthetic_samples import synthetic_volume  # noqa: E402
+from VertebralLabelingLib.mri.training.dataset import find_bids_pairs  # noqa: E402
+from VertebralLabelingLib.mri.volume import load_volume  # noqa: E402
 
 
 def main():

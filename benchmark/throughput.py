@@ -103,7 +103,7 @@ def install_size(names=INFERENCE_DISTRIBUTIONS) -> dict:
 
 
 def main(argv=None) -> int:
-    from VertebralLabelingLib.dataset import data_root
+    from VertebralLabelingLib.io.files import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bids", default=str(data_root() / "mri" / "bids"))

@@ -15,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
-from VertebralLabelingLib import xray_data  # noqa: E402
-from VertebralLabelingLib.dataset import data_root  # noqa: E402
-from VertebralLabelingLib.xray_label import XrayLabeler  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.xray import aasce  # noqa: E402
+from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray.label import XrayLabeler  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,8 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=6, help="validation radiographs to time")
     parser.add_argument("--runs", type=int, default=3, help="runs per radiograph (the median is kept)")
     args = parser.parse_args(argv)
-    aset = xray_data.load_aasce(data_dir=data_root() / "xray-aasce")
-    _, validation = xray_data.split_names(aset.names)
+    aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
+    _, validation = aasce.split_names(aset.names)
     labeler = XrayLabeler.load(args.model)
     seconds = []
     for index in aset.indices_of(validation[: args.images]):

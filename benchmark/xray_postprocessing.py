@@ -16,10 +16,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
-from VertebralLabelingLib import xray_data  # noqa: E402
-from VertebralLabelingLib.dataset import data_root  # noqa: E402
-from VertebralLabelingLib.xray_evaluate import smape  # noqa: E402
-from VertebralLabelingLib.xray_label import XrayLabeler, cobb_from_points, smooth_tilts  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.xray import aasce  # noqa: E402
+from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray.evaluate import smape  # noqa: E402
+from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points, smooth_tilts  # noqa: E402
 
 SMOOTHING = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHAIN = (0.0, 1.0)
@@ -52,8 +53,8 @@ def main():
     parser.add_argument("--train-images", type=int, default=80)
     parser.add_argument("--json")
     args = parser.parse_args()
-    aset = xray_data.load_aasce(data_dir=data_root() / "xray-aasce")
-    train, val = xray_data.split_names(aset.names)
+    aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
+    train, val = aasce.split_names(aset.names)
     rng = np.random.default_rng(0)
     train_idx = sorted(rng.choice(aset.indices_of(train), args.train_images, replace=False).tolist())
     labeler = XrayLabeler.load(args.model)

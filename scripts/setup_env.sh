@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install the project into it.
 # Usage: source scripts/setup_env.sh [extra]
-#   no extra: inference only (numpy, scipy, SimpleITK, pillow, onnxruntime: label, batch, evaluate)
+#   no extra: inference only (numpy, scipy, SimpleITK, pillow, onnxruntime, tqdm: label, batch, evaluate)
 #   "train":  adds tensorflow-cpu, tf2onnx, onnx (train, xray train, export-onnx)
 #   "test":   the train extra plus pytest, jsonschema, ruff, slicer-core, selenium
 set -euo pipefail

@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "VertebralLabeling"))
 
-from VertebralLabelingLib.dataset import data_root  # noqa: E402
-from VertebralLabelingLib.study import find_items  # noqa: E402
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.study.bids import find_items  # noqa: E402
 
 
 def main():

@@ -31,9 +31,9 @@ import vtk
 
 from VertebralLabelingLib import DISC_NAMES, DISC_VALUES
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.export import describe  # same description text as the .mrk.json export
-from VertebralLabelingLib.labeling import DiscPoint
-from VertebralLabelingLib.volume import Volume
+from VertebralLabelingLib.mri.export import describe  # same description text as the .mrk.json export
+from VertebralLabelingLib.mri.labeling import DiscPoint
+from VertebralLabelingLib.mri.volume import Volume
 from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
 #: Node attribute holding the last prediction written to the node: [{"label", "position"}].
@@ -230,7 +230,7 @@ STUDY_SOURCE_ATTRIBUTE = "VertebralLabeling.studySource"
 
 def discs_from_markups_file(path) -> list:
     """DiscPoints from a .mrk.json, with the confidence and review flag of its descriptions."""
-    from VertebralLabelingLib.export import read_markups_json
+    from VertebralLabelingLib.mri.export import read_markups_json
 
     discs = []
     for label, ras, description in read_markups_json(path):
@@ -251,8 +251,8 @@ def load_study_item(scene, item, deriv):
     points count as unedited right after loading, so ``node_has_user_edits`` tells whether the
     reviewer changed anything since.
     """
-    from VertebralLabelingLib.study import SUFFIX_CORRECTED, SUFFIX_MARKUPS
-    from VertebralLabelingLib.volume import load_volume
+    from VertebralLabelingLib.mri.volume import load_volume
+    from VertebralLabelingLib.study.bids import SUFFIX_CORRECTED, SUFFIX_MARKUPS
 
     corrected = item.path(deriv, SUFFIX_CORRECTED)
     source_path = corrected if corrected.exists() else item.path(deriv, SUFFIX_MARKUPS)
@@ -275,8 +275,8 @@ def save_study_correction(node, item, deriv):
 
     Afterwards the node counts as unedited again (its points are saved).
     """
-    from VertebralLabelingLib.corrections import save_corrected
-    from VertebralLabelingLib.study import SUFFIX_CORRECTED
+    from VertebralLabelingLib.study.bids import SUFFIX_CORRECTED
+    from VertebralLabelingLib.study.corrections import save_corrected
 
     discs = discs_from_node(node)
     if not discs:

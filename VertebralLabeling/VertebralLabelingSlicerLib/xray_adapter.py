@@ -21,9 +21,9 @@ import json
 import numpy as np
 import vtk
 
-from VertebralLabelingLib.cobb import N_POINTS, VERTEBRA_NAMES
 from VertebralLabelingLib.errors import InputError
-from VertebralLabelingLib.xray_data import POINT_LABELS, Radiograph, radiograph_from_sitk
+from VertebralLabelingLib.xray.cobb import N_POINTS, VERTEBRA_NAMES
+from VertebralLabelingLib.xray.data import POINT_LABELS, Radiograph, radiograph_from_sitk
 from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
 LINES_ATTRIBUTE = "CobbAngle.lines"
@@ -261,8 +261,8 @@ def confidence_from_node(node) -> np.ndarray | None:
 # -- Cobb angles and lines -------------------------------------------------------------------
 def cobb_from_node(node, volume_node=None):
     """Reference Cobb angles of the node's 68 corners (mm; the image geometry when given)."""
-    from VertebralLabelingLib.cobb import cobb_angles
-    from VertebralLabelingLib.xray_label import cobb_from_physical
+    from VertebralLabelingLib.xray.cobb import cobb_angles
+    from VertebralLabelingLib.xray.label import cobb_from_physical
 
     points = points_from_node(node)
     if volume_node is not None and volume_node.GetImageData() is not None:
@@ -346,12 +346,12 @@ class LiveCobb:
         try:
             points = points_from_node(self.node)
             if self.volume_node is not None:
-                from VertebralLabelingLib.xray_label import cobb_from_physical
+                from VertebralLabelingLib.xray.label import cobb_from_physical
 
                 geometry = geometry_from_node(self.volume_node)
                 cobb, z = cobb_from_physical(points, geometry), geometry.slice_z
             else:
-                from VertebralLabelingLib.cobb import cobb_angles
+                from VertebralLabelingLib.xray.cobb import cobb_angles
 
                 cobb, z = cobb_angles(points), 0.0
             update_cobb_lines(self.scene, self.node, cobb, points, z)

@@ -1,0 +1,168 @@
+"""``vertebral-labeling xray ...``: AP radiograph corners and Cobb angles on the command line.
+
+Registered by ``cli.main.parser()`` (``register(sub)``).  Subcommands: ``label``, ``cobb``,
+``evaluate``, ``train``; each imports the X-ray code when it runs (SimpleITK, scipy, ONNX Runtime
+or TensorFlow), so ``--help`` answers at once.  User errors raise InputError/ModelError (one
+``error:`` line, exit status 2); outputs are written only after labeling succeeded, each
+atomically, and an existing output is never replaced without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.files import MARKUPS_SUFFIX, data_root, write_atomic_bytes
+
+
+def register(sub) -> None:
+    xray = sub.add_parser("xray", help="AP spine X-ray: vertebral corners (T1-L5) and Cobb angles")
+    xsub = xray.add_subparsers(dest="xray_command", required=True)
+
+    p = xsub.add_parser("label", help="68 vertebral corners and the three Cobb angles of one radiograph")
+    p.add_argument("input", help="image file (JPEG, PNG, DICOM, NRRD, ...; 8/16-bit; gray or RGB)")
+    p.add_argument("-o", "--output", help="markups file to write (.mrk.json)")
+    p.add_argument("--json", help="also write the angles and end vertebrae (JSON)")
+    p.add_argument("--csv", help="also write the 68 points as CSV")
+    p.add_argument("--qc", help="also write a QC picture (PNG)")
+    p.add_argument("--markups", help="manual mode: take the 68 corners from this .mrk.json "
+                   "(e.g. corrected in Slicer) instead of running the model")
+    p.add_argument("--model", default="xray-compact",
+                   help="bundled model name (runs its .onnx), or a .onnx or .keras path")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(handler=cmd_label)
+
+    p = xsub.add_parser("cobb", help="Cobb angles from the ground-truth landmarks of an AASCE folder")
+    p.add_argument("--images", required=True, help="folder of radiographs (gives the pixel sizes)")
+    p.add_argument("--labels", required=True, help="folder with filenames.csv, landmarks.csv, angles.csv")
+    p.add_argument("--json", required=True, help="where to write the comparison")
+    p.add_argument("--split", default="all", choices=["all", "train", "val"])
+    p.add_argument("--files", help="text file of image names to use (one a line)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=cmd_cobb)
+
+    p = xsub.add_parser("evaluate", help="landmark model accuracy on an AASCE folder")
+    p.add_argument("--images", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--json", required=True, help="where to write the metrics")
+    p.add_argument("--model", default="xray-compact")
+    p.add_argument("--split", default="all", choices=["all", "train", "val"],
+                   help="the fixed patient-level split of the training code (default: all images)")
+    p.add_argument("--files", help="text file of image names to use (overrides --split)")
+    p.add_argument("--limit", type=int, help="only the first N selected images")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = xsub.add_parser("train", help="train the landmark network on an AASCE folder")
+    p.add_argument("--data", default=str(data_root() / "xray-aasce"),
+                   help="AASCE folder holding images/ and labels/")
+    p.add_argument("--out", required=True, help="folder for NAME.keras + NAME.json")
+    p.add_argument("--name", default="xray-compact")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--time-budget-min", type=float, default=40.0)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--cache-dir", default="runs/xray_cache", help="where preprocessed arrays are cached")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--init", help="start from this model (.keras) instead of random weights")
+    p.set_defaults(handler=cmd_train)
+
+
+def _refuse_existing(paths, overwrite):
+    existing = [str(p) for p in paths if p and Path(p).exists()]
+    if existing and not overwrite:
+        raise InputError(f"Output exists: {', '.join(existing)}. It may hold corrections; "
+                         "pass --overwrite to replace it.")
+
+
+def _write_json(path, data):
+    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def cmd_label(args) -> int:
+    from ..xray import export as xray_export
+    from ..xray.cobb import N_VERTEBRAE
+    from ..xray.data import read_radiograph
+    from ..xray.label import XrayLabeler, XrayResult, cobb_from_physical
+
+    if args.output and not args.output.endswith(MARKUPS_SUFFIX):
+        raise InputError(f"The output file name must end with {MARKUPS_SUFFIX}")
+    if not any((args.output, args.json, args.csv, args.qc)):
+        raise InputError("Nothing to write: give -o OUT.mrk.json and/or --json, --csv, --qc.")
+    from ..io.outputs import check_outputs, write_all
+
+    check_outputs([("-o", args.output), ("--json", args.json), ("--csv", args.csv), ("--qc", args.qc)],
+                  inputs=[args.input, args.markups], overwrite=args.overwrite)
+    radiograph = read_radiograph(args.input)
+    if args.markups:
+        points = xray_export.read_markups_json(args.markups)
+        result = XrayResult(radiograph.physical_to_pixel(points), points, np.ones(N_VERTEBRAE),
+                            cobb_from_physical(points, radiograph), radiograph)
+        confidence = None
+    else:
+        labeler = XrayLabeler.load(args.model)
+        result = labeler.label(radiograph)
+        confidence = result.confidence
+    jobs = []
+    if args.output:
+        jobs.append((args.output, lambda p: xray_export.write_markups_json(
+            result.points, p, confidence, radiograph.slice_z)))
+    if args.csv:
+        jobs.append((args.csv, lambda p: xray_export.write_csv(
+            result.points, p, result.points_px, confidence, radiograph.slice_z)))
+    if args.json:
+        jobs.append((args.json, lambda p: xray_export.write_angles_json(result.cobb, p, {
+            "image": str(args.input), "pixel_spacing": list(radiograph.spacing),
+            "source": "markups" if args.markups else str(args.model)})))
+    if args.qc:
+        jobs.append((args.qc, lambda p: xray_export.write_qc_png(
+            radiograph.array, result.points_px, result.cobb, p, confidence)))
+    write_all(jobs)  # all or nothing
+    for column, angle, (upper, lower) in zip(xray_export.ANGLE_COLUMNS, result.cobb.angles_deg,
+                                             result.cobb.end_vertebrae):
+        print(f"{column:5s} {angle:6.1f} deg  {upper}-{lower}  ({xray_export.curve_region(upper, lower)})")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.markups:
+        print(f"labeled in {result.seconds:.2f} s")
+    return 0
+
+
+def cmd_cobb(args) -> int:
+    from ..xray.evaluate import cobb_from_ground_truth
+
+    _refuse_existing([args.json], args.overwrite)
+    summary = cobb_from_ground_truth(args.images, args.labels, args.split, args.files,
+                                     log=lambda m: print(m, file=sys.stderr))
+    _write_json(args.json, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..xray.evaluate import evaluate_model
+
+    _refuse_existing([args.json], args.overwrite)
+    metrics = evaluate_model(args.images, args.labels, args.model, args.split, args.files,
+                             args.limit, log=lambda m: print(m, file=sys.stderr))
+    _write_json(args.json, metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "images"}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..xray.train import train
+
+    command = "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
+    path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
+                 steps=args.steps, time_budget_s=args.time_budget_min * 60,
+                 learning_rate=args.learning_rate, cache_dir=args.cache_dir,
+                 checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
+                 command=command, init=args.init)
+    print(f"saved {path}")
+    return 0

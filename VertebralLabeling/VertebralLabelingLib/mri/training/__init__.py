@@ -1,0 +1,1 @@
+"""Training of the MRI disc networks: samples (real, PAM50, phantoms, synthetic) and the training loop."""

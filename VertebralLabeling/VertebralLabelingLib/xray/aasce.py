@@ -1,0 +1,146 @@
+"""The AASCE data set: reading its labels, the fixed patient-level train/validation split, and
+a cache of decoded, downsampled training images.
+
+AASCE layout (SpineWeb dataset 16, AASCE 2019 training release)::
+
+    DIR/images/<name>.jpg
+    DIR/labels/filenames.csv     one image name a row
+    DIR/labels/landmarks.csv     68 x then 68 y, normalised by width / height, no header
+    DIR/labels/angles.csv        three Cobb angles (degrees), reference method order
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .cobb import N_POINTS
+from .data import INPUT_SHAPE, apply, prepare_input, read_radiograph
+
+#: Validation split: seed and fraction of patients held out.
+SPLIT_SEED = 0
+VAL_FRACTION = 0.17
+# -- training cache and augmentation ---------------------------------------------------------
+CACHE_SHAPE = (INPUT_SHAPE[0], INPUT_SHAPE[1] + 128)  # room for shifts/rotations
+
+
+# -- AASCE labels ----------------------------------------------------------------------------
+@dataclass
+class AasceSet:
+    """An AASCE-layout data set: image folder, names, landmarks (normalised) and angles."""
+
+    images_dir: Path
+    names: list
+    landmarks: np.ndarray  # (n, 68, 2) x / width, y / height
+    angles: np.ndarray | None  # (n, 3) degrees, or None without angles.csv
+
+    def image_path(self, index: int) -> Path:
+        return self.images_dir / self.names[index]
+
+    def indices_of(self, names) -> list:
+        where = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise InputError(f"{len(missing)} names are not in filenames.csv, e.g. {missing[0]!r}")
+        return [where[n] for n in names]
+
+
+def load_aasce(images_dir=None, labels_dir=None, data_dir=None) -> AasceSet:
+    """Read an AASCE-layout folder (see module docstring); ``data_dir`` = parent of both."""
+    if data_dir is not None:
+        images_dir, labels_dir = Path(data_dir) / "images", Path(data_dir) / "labels"
+    if images_dir is None or labels_dir is None:
+        raise InputError("Give the images and labels folders (or the folder holding both).")
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise InputError(f"No such folder: {folder}")
+    for name in ("filenames.csv", "landmarks.csv"):
+        if not (labels_dir / name).is_file():
+            raise InputError(f"{labels_dir} is not an AASCE label folder: {name} is missing.")
+    names = [n.strip().strip('"') for n in (labels_dir / "filenames.csv").read_text().splitlines()]
+    names = [n for n in names if n]
+    try:
+        table = np.loadtxt(labels_dir / "landmarks.csv", delimiter=",", ndmin=2)
+    except ValueError as error:
+        raise InputError(f"Cannot read {labels_dir / 'landmarks.csv'}: {error}") from error
+    if table.shape != (len(names), 2 * N_POINTS):
+        raise InputError(f"landmarks.csv has shape {table.shape}; expected ({len(names)}, "
+                         f"{2 * N_POINTS}) for {len(names)} file names.")
+    landmarks = np.stack([table[:, :N_POINTS], table[:, N_POINTS:]], axis=2)
+    angles = None
+    if (labels_dir / "angles.csv").is_file():
+        angles = np.loadtxt(labels_dir / "angles.csv", delimiter=",", ndmin=2)
+        if angles.shape != (len(names), 3):
+            raise InputError(f"angles.csv has shape {angles.shape}; expected ({len(names)}, 3).")
+    return AasceSet(images_dir, names, landmarks, angles)
+
+
+def patient_key(name: str) -> str:
+    """Images of one patient share a key ('...-162 A AP.jpg', '...-162 B AP.jpg' -> '...-162')."""
+    stem = re.sub(r"\.(jpe?g|png)$", "", name, flags=re.IGNORECASE)
+    match = re.match(r"^(.*?-\d+)\s+[A-Z]\b", stem)
+    return match.group(1) if match else stem
+
+
+def split_names(names, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION):
+    """Fixed patient-level split: (train names, validation names), both in input order.
+
+    Patients (see :func:`patient_key`) are ordered by a seeded hash, and whole patients go to
+    validation until it holds ``val_fraction`` of the images, so no patient is in both.
+    """
+    groups = {}
+    for name in names:
+        groups.setdefault(patient_key(name), []).append(name)
+
+    def rank(key):
+        return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+    target = int(round(val_fraction * len(names)))
+    val = set()
+    for key in sorted(groups, key=rank):
+        if len(val) >= target:
+            break
+        val.update(groups[key])
+    return [n for n in names if n not in val], [n for n in names if n in val]
+
+
+def read_names_file(path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"No such file: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def cache_dataset(aset: AasceSet, indices, cache_dir, log=print):
+    """Decode, normalise and downsample each image once; return (images uint8, points, sizes).
+
+    images: (n, CACHE_SHAPE) uint8; points: (n, 68, 2) in cache-pixel (x, y); sizes (n, 2) = (W, H)
+    of the originals.  Stored in ``cache_dir`` as .npy keyed by the file list.
+    """
+    cache_dir = Path(cache_dir)
+    key = hashlib.sha256(("\n".join(aset.names[i] for i in indices) + f"{CACHE_SHAPE}").encode()).hexdigest()[:12]
+    files = [cache_dir / f"xray_{key}_{part}.npy" for part in ("images", "points", "sizes")]
+    if all(f.exists() for f in files):
+        return tuple(np.load(f) for f in files)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((len(indices),) + CACHE_SHAPE, np.uint8)
+    points = np.zeros((len(indices), N_POINTS, 2), np.float32)
+    sizes = np.zeros((len(indices), 2), np.float32)
+    for k, index in enumerate(indices):
+        radiograph = read_radiograph(aset.image_path(index))
+        array, matrix = prepare_input(radiograph, CACHE_SHAPE)
+        images[k] = np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8)
+        pix = aset.landmarks[index] * [radiograph.width, radiograph.height]
+        points[k] = apply(np.linalg.inv(matrix), pix)
+        sizes[k] = (radiograph.width, radiograph.height)
+        if log and k % 50 == 0:
+            log(f"cached {k + 1}/{len(indices)}")
+    for f, arr in zip(files, (images, points, sizes)):
+        np.save(f, arr)
+    return images, points, sizes

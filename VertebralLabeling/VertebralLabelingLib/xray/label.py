@@ -1,0 +1,306 @@
+"""Labeling one AP radiograph: 68 vertebral corners (T1..L5 x TL, TR, BL, BR) and Cobb angles.
+
+Pipeline: the radiograph is scaled so its height fills the network input (``xray_data``), the
+network gives a vertebra-centre heatmap and corner offsets (``xray_model``), the 17 strongest
+heatmap peaks (3 x 3 non-maximum suppression) sorted from top to bottom become T1..L5, and each
+reads its corners from the offsets of the cells around its peak (weighted by the heatmap).
+Points go back to original pixels through the exact input geometry, then to physical space
+with the image's pixel spacing and origin.  The Cobb angles are the AASCE reference method
+(``cobb.py``) on the points in millimetres (pixels for images without spacing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+from ..io import models as model_lib
+from . import data as xray_data
+from .cobb import N_VERTEBRAE, CobbResult, cobb_angles
+from .data import INPUT_SHAPE, OFFSET_SCALE, POINT_LABELS, STRIDE, Radiograph
+from .network import load
+
+#: What the user reads when the chain could sit a whole level off.
+LEVEL_WARNING = ("the vertebral levels are not confirmed (the chain could be shifted by a level, e.g. "
+                 "T1 on C7): check T1 and L5 before naming end vertebrae")
+#: A vertebra whose centre peak is below this is flagged for review.
+REVIEW_THRESHOLD = 0.3
+
+
+@dataclass
+class XrayResult:
+    """Corners in original pixels (x, y) and physical space, per-vertebra confidence, angles."""
+
+    points_px: np.ndarray           # (68, 2) pixel (x = column, y = row)
+    points: np.ndarray              # (68, 2) physical (x, y), LPS of the 2D image
+    confidence: np.ndarray          # (17,) centre peak height in [0, 1]
+    cobb: CobbResult
+    radiograph: Radiograph
+    seconds: float = 0.0
+    warnings: list = field(default_factory=list)
+    #: True when the chain could sit a whole level off (see :func:`chain_could_shift`).
+    level_uncertain: bool = False
+
+    @property
+    def labels(self):
+        return POINT_LABELS
+
+    def flagged(self) -> np.ndarray:
+        return self.confidence < REVIEW_THRESHOLD
+
+
+def cobb_from_points(points_px, radiograph: Radiograph) -> CobbResult:
+    """Reference Cobb angles of pixel points, measured in mm (pixel spacing respected)."""
+    spacing = np.asarray(radiograph.spacing, float)
+    return cobb_angles(np.asarray(points_px, float) * spacing,
+                       image_height=radiograph.height * spacing[1])
+
+
+def cobb_from_physical(points, radiograph: Radiograph) -> CobbResult:
+    return cobb_from_points(radiograph.physical_to_pixel(points), radiograph)
+
+
+def _corners_at(heat, offsets, y, x):
+    """Corners (4, 2) read around peak cell (y, x): heatmap-weighted mean over its 3 x 3 cells."""
+    h, w = heat.shape
+    y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
+    weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
+    cy, cx = np.mgrid[y0:y1, x0:x1]
+    cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
+    pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]
+    return (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
+
+
+#: Cost of one level of disagreement between a candidate's level-head reading and the level it
+#: would get in the chain (a peak height is at most 1, so this outweighs a stronger wrong peak).
+LEVEL_WEIGHT = 1.0
+#: A chain whose vertebrae disagree with their level-head readings by more than this (median, in
+#: levels), or whose end vertebrae (T1, T2, L4, L5) do by more than LEVEL_END_TOLERANCE, could sit
+#: a whole level off: it is flagged for review.
+LEVEL_MEDIAN_TOLERANCE = 0.35
+LEVEL_END_TOLERANCE = 0.6
+
+
+@dataclass
+class Decoded:
+    """The decoded chain: corners (n*4, 2) in input pixels, peak heights (n,), and with a level
+    head each vertebra's level reading (n,) (None without it)."""
+
+    corners: np.ndarray
+    peaks: np.ndarray
+    levels: np.ndarray | None = None
+
+    def level_residuals(self) -> np.ndarray | None:
+        return None if self.levels is None else self.levels - np.arange(len(self.levels))
+
+    def could_shift(self) -> bool:
+        """True when the chain's levels are not confirmed by the level head (see the tolerances)."""
+        r = self.level_residuals()
+        if r is None:
+            return False
+        ends = np.abs(r[[0, 1, -2, -1]])
+        return bool(abs(np.median(r)) > LEVEL_MEDIAN_TOLERANCE or ends.max() > LEVEL_END_TOLERANCE)
+
+
+def _level_at(level: np.ndarray, heat: np.ndarray, y: int, x: int) -> float:
+    """The level head's reading (vertebra index, 0 = T1) around a peak, heat-weighted over 3 x 3."""
+    h, w = heat.shape
+    y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
+    weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
+    return float(xray_data.level_of((level[y0:y1, x0:x1] * weights).sum() / weights.sum()))
+
+
+def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: int = N_VERTEBRAE,
+                  nms: int = 3, chain: float = 0.0) -> Decoded:
+    """Like :func:`decode`, but each candidate also carries its level reading and the chain is
+    chosen jointly on peak height, regular spacing and agreement with the levels: vertebra m of the
+    chain pays ``LEVEL_WEIGHT * |level - m|``.  So a strong peak on C7 does not become "T1" when
+    the level head places it above T1, and a chain can start at the true T1 even if it is weaker.
+    """
+    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
+    ys, xs = np.nonzero(local_max)
+    if len(ys) < n:
+        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
+    keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]
+    ys, xs = ys[keep], xs[keep]
+    cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+    order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
+    ys, xs, cand = ys[order], xs[order], cand[order]
+    levels = np.array([_level_at(level, heat, y, x) for y, x in zip(ys, xs)])
+    chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels)
+    return Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])
+
+
+def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int = 3,
+           chain: float = 0.0):
+    """Heatmap (h, w) + offsets (h, w, 8) -> corners (n*4, 2) in input pixels, peak values (n,).
+
+    Peaks are ``nms`` x ``nms`` local maxima.  Without ``chain`` the ``n`` strongest are taken
+    (Yi et al. 2020); with ``chain`` > 0 the ``n`` peaks are chosen jointly by dynamic
+    programming: top to bottom, maximising the summed peak height minus
+    ``chain * log(gap / pitch)^2`` for each gap between consecutive vertebrae (pitch = median gap
+    of the strongest peaks), so a double peak or a skipped vertebra costs.  Each vertebra's
+    corners are the heatmap-weighted mean of (cell position + offset) over the 3 x 3 cells
+    around its peak.
+    """
+    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
+    ys, xs = np.nonzero(local_max)
+    if len(ys) < n:
+        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
+    if chain > 0:
+        keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]  # strongest candidates only
+        ys, xs = ys[keep], xs[keep]
+        cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+        order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
+        ys, xs, cand = ys[order], xs[order], cand[order]
+        chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain)
+        corners, peaks = cand[chosen], heat[ys[chosen], xs[chosen]]
+        return corners.reshape(-1, 2), peaks
+    order = np.argsort(-heat[ys, xs], kind="stable")[:n]
+    ys, xs = ys[order], xs[order]
+    corners = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+    top_down = np.argsort(corners[:, :, 1].mean(axis=1), kind="stable")
+    return corners[top_down].reshape(-1, 2), heat[ys, xs][top_down]
+
+
+def _chain(centres, scores, n, weight, levels=None):
+    """Indices of ``n`` candidates (sorted top-down) forming the best-scoring regular chain
+    (with ``levels``, candidate i as vertebra m also pays ``LEVEL_WEIGHT * |levels[i] - m|``)."""
+    k = len(centres)
+    strongest = np.sort(np.argsort(-scores, kind="stable")[:n])
+    pitch = max(float(np.median(np.linalg.norm(np.diff(centres[strongest], axis=0), axis=1))), 1e-3)
+    d = centres[None, :, :] - centres[:, None, :]  # d[j, i] = centre_i - centre_j
+    gap = np.linalg.norm(d, axis=2)
+    with np.errstate(divide="ignore"):
+        cost = weight * np.log(np.maximum(gap, 1e-6) / pitch) ** 2
+    valid = (d[..., 1] > 0) & (np.abs(d[..., 0]) < np.abs(d[..., 1])) & (gap > 0.35 * pitch)
+    cost = np.where(valid, cost, np.inf)
+    best = np.full((n, k), -np.inf)
+    back = np.zeros((n, k), int)
+    def unary(m):
+        return scores if levels is None else scores - LEVEL_WEIGHT * np.abs(levels - m)
+
+    best[0] = unary(0)
+    for m in range(1, n):
+        total = best[m - 1][:, None] - cost  # [j, i]
+        back[m] = np.argmax(total, axis=0)
+        best[m] = total[back[m], np.arange(k)] + unary(m)
+    end = int(np.argmax(best[n - 1]))
+    if not np.isfinite(best[n - 1, end]):  # no regular chain: fall back to the strongest peaks
+        return strongest
+    chosen = [end]
+    for m in range(n - 1, 0, -1):
+        chosen.append(int(back[m, chosen[-1]]))
+    return np.array(chosen[::-1])
+
+
+def vertebra_tilts(corners) -> np.ndarray:
+    """Tilt (radians) of each vertebra: left-side midpoint to right-side midpoint (as cobb.py)."""
+    c = np.asarray(corners, float).reshape(-1, 4, 2)
+    vec = (c[:, 1] + c[:, 3]) / 2 - (c[:, 0] + c[:, 2]) / 2
+    return np.arctan2(vec[:, 1], vec[:, 0])
+
+
+def smooth_tilts(corners, weight: float) -> np.ndarray:
+    """Rotate each vertebra about its centre towards the mean tilt of its neighbours.
+
+    new tilt = (1 - weight) * tilt + weight * mean(neighbour tilts) (T1 and L5 have one
+    neighbour).  Noise in single-vertebra tilts inflates the reference method's maximum-pair
+    Cobb angle; the spine's curvature is smooth, so this removes noise more than signal.
+    """
+    c = np.asarray(corners, float).reshape(-1, 4, 2).copy()
+    tilts = vertebra_tilts(c)
+    padded = np.concatenate([[tilts[1]], tilts, [tilts[-2]]])
+    neighbours = (padded[:-2] + padded[2:]) / 2
+    delta = weight * (neighbours - tilts)
+    centres = c.mean(axis=1, keepdims=True)
+    cos, sin = np.cos(delta)[:, None], np.sin(delta)[:, None]
+    rel = c - centres
+    rotated = np.stack([rel[..., 0] * cos - rel[..., 1] * sin, rel[..., 0] * sin + rel[..., 1] * cos], axis=-1)
+    return (rotated + centres).reshape(-1, 2)
+
+
+class XrayLabeler:
+    """A loaded landmark model; ``label(radiograph)`` runs the whole pipeline."""
+
+    def __init__(self, model, meta: dict):
+        self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
+        self.meta = meta
+        self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
+        self.flip = bool(meta.get("tta_flip", False))
+        self.tilt_smoothing = float(meta.get("tilt_smoothing", 0.0))
+        self.nms = int(meta.get("nms", 3))
+        self.chain = float(meta.get("chain_decoding", 0.0))
+
+    @classmethod
+    def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
+        return cls(*load(name_or_path))
+
+    def _network(self, batch: np.ndarray):
+        """(heatmap, offsets, level or None) for a batch (n, h, w, 1), in Keras output order
+        (models without the level head give None)."""
+        outputs = self.model.run(np.ascontiguousarray(batch, dtype=np.float32))
+        return outputs[0], outputs[1], (outputs[2] if len(outputs) > 2 else None)
+
+    def predict_input(self, image: np.ndarray):
+        """Corners (68, 2) and peaks (17,) in input pixels of one prepared input image.
+
+        With ``flip`` (metadata ``tta_flip``) the mirrored image is run too and both outputs are
+        averaged before decoding (the mirrored offsets are mirrored back and their left/right
+        corners swapped).  With ``tilt_smoothing`` > 0 each vertebra's tilt is pulled towards
+        its neighbours' (see :func:`smooth_tilts`).
+        """
+        decoded = self.decode_input(image)
+        return decoded.corners, decoded.peaks
+
+    def decode_input(self, image: np.ndarray) -> Decoded:
+        """The decoded chain of one prepared input image (see :meth:`predict_input`)."""
+        batch = image[None, ..., None].astype(np.float32)
+        if self.flip:
+            batch = np.concatenate([batch, batch[:, :, ::-1]])
+        heat, offsets, level = self._network(batch)
+        h, o = heat[0, ..., 0], offsets[0]
+        lv = None if level is None else level[0, ..., 0]
+        if self.flip:
+            hf, of = heat[1, :, ::-1, 0], offsets[1, :, ::-1].reshape(o.shape[:2] + (4, 2)).copy()
+            of[..., 0] *= -1.0
+            of = of[:, :, [1, 0, 3, 2]].reshape(o.shape)
+            h, o = (h + hf) / 2, (o + of) / 2
+            if lv is not None:
+                lv = (lv + level[1, :, ::-1, 0]) / 2
+        if lv is None:
+            decoded = Decoded(*decode(h, o, nms=self.nms, chain=self.chain))
+        else:
+            decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain)
+        if self.tilt_smoothing > 0:
+            decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
+        return decoded
+
+    def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
+        start = time.perf_counter()
+        if progress:
+            progress(0.1, "Preparing the image")
+        image, matrix = xray_data.prepare_input(radiograph, self.shape)
+        if progress:
+            progress(0.4, "Running the landmark network")
+        decoded = self.decode_input(image)
+        points_px = xray_data.apply(matrix, decoded.corners)
+        points = radiograph.pixel_to_physical(points_px)
+        if progress:
+            progress(0.9, "Computing Cobb angles")
+        result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph,
+                            level_uncertain=decoded.could_shift())
+        if result.level_uncertain:
+            result.warnings.append(LEVEL_WARNING)
+        low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]
+        if len(low) > 3:
+            result.warnings.append(f"{len(low)} vertebrae found with low confidence ({', '.join(low)}); "
+                                   "check that this is an AP spine radiograph from T1 to L5.")
+        result.seconds = time.perf_counter() - start
+        if progress:
+            progress(1.0, "Done")
+        return result
