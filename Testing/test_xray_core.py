@@ -294,7 +294,7 @@ def test_flip_averaging_maps_the_mirrored_output_back():
     def network(batch):
         seen.append(batch.shape)
         outs = [xray_data.targets(p) for p in (pts, mirrored(pts))][: len(batch)]
-        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), None
 
     labeler._network = network
     corners, peaks = labeler.predict_input(np.zeros(xray_data.INPUT_SHAPE, np.float32))
@@ -336,3 +336,59 @@ def test_chain_decoding_skips_a_double_peak():
     assert np.abs(plain - pts).max() > 10
     chained, _ = decode(heat, offsets, chain=1.0)
     np.testing.assert_allclose(chained, pts, atol=1e-6)
+
+
+# -- level identity -------------------------------------------------------------------------------
+def test_level_shift_is_the_whole_level_offset_of_the_chain():
+    from VertebralLabelingLib.xray.evaluate import level_shift
+
+    true = spine_points(pitch=30.0)
+    up = true.reshape(17, 4, 2) - [0, 30.0]  # every vertebra one level cranial: predicted T1 on C7
+    noise = np.random.default_rng(0).normal(0, 3, true.shape)
+    assert level_shift(true + noise, true) == 0
+    assert level_shift(up.reshape(-1, 2) + noise, true) == -1
+    assert level_shift((up + [0, 90.0]).reshape(-1, 2), true) == 2
+
+
+def _chain_maps(points, extra_centre, level_of_extra, extra_height):
+    """Network-like outputs for 17 vertebrae plus one extra (C7-like) peak, and a level map."""
+    from VertebralLabelingLib.xray.data import LEVEL_CENTRE
+
+    heat, offsets, mask, level = xray_data.targets(points, with_level=True)
+    heat, level = heat[..., 0].copy(), level[..., 0].copy()
+    rows, cols = heat.shape
+    cx, cy = (np.asarray(extra_centre) + 0.5) / xray_data.STRIDE - 0.5
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    g = extra_height * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * xray_data.HEATMAP_SIGMA ** 2))
+    heat = np.maximum(heat, g)
+    near = (np.abs(yy - round(cy)) <= 1) & (np.abs(xx - round(cx)) <= 1)
+    level[near] = (level_of_extra - LEVEL_CENTRE) / LEVEL_CENTRE
+    return heat, offsets, level
+
+
+def test_level_head_keeps_a_strong_c7_peak_out_of_the_chain():
+    from VertebralLabelingLib.xray.label import decode, decode_levels
+
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=1.0)
+    heat[(heat > 0.99)] = 1.0
+    l5 = np.unravel_index(np.argmax(heat * (np.arange(heat.shape[0]) > heat.shape[0] * 0.8)[:, None]), heat.shape)
+    heat[l5] = 0.9  # L5's peak weaker than the C7-like one: "17 strongest" starts at C7
+    plain, _ = decode(heat, offsets)
+    assert plain.reshape(17, 4, 2)[0].mean(axis=0)[1] < 80 - 16  # without levels, T1 is put on C7
+    decoded = decode_levels(heat, offsets, level)
+    centres = decoded.corners.reshape(17, 4, 2).mean(axis=1)
+    np.testing.assert_allclose(centres, pts.reshape(17, 4, 2).mean(axis=1), atol=1.0)
+    assert not decoded.could_shift()
+    np.testing.assert_allclose(decoded.levels, np.arange(17), atol=0.05)
+
+
+def test_a_chain_the_level_head_disagrees_with_is_flagged():
+    from VertebralLabelingLib.xray.data import LEVEL_CENTRE
+    from VertebralLabelingLib.xray.label import decode_levels
+
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=0.0)
+    shifted = np.where(level != 0, level + 1.0 / LEVEL_CENTRE, level)  # every reading one level lower
+    decoded = decode_levels(heat, offsets, shifted)
+    assert decoded.could_shift()
