@@ -287,7 +287,7 @@ class CobbAngleTest(SpineModuleTest):
         labeler = CobbAngleLogic().labeler()
         self.assertIsInstance(labeler, XrayLabeler)
         height, width = labeler.shape
-        heat, offsets = labeler._network(np.zeros((1, height, width, 1), np.float32))
+        heat, offsets, _level = labeler._network(np.zeros((1, height, width, 1), np.float32))
         self.assertEqual(heat.shape, (1, height // 4, width // 4, 1))
         self.assertEqual(offsets.shape, (1, height // 4, width // 4, 8))
         self.delayDisplay("Bundled model passed")

@@ -52,14 +52,15 @@ def test_train_command_makes_a_loadable_model(tmp_path, capsys):
     assert meta["validation_files"][0] in names
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 6  # images/points/sizes x train/val
     labeler = XrayLabeler.load(out / "tiny.keras")
-    heat, offsets = labeler._network(np.zeros((1, 640, 320, 1), np.float32))
-    assert heat.shape == (1, 160, 80, 1) and offsets.shape == (1, 160, 80, 8)
-    assert np.all(np.isfinite(heat)) and np.all(np.isfinite(offsets))
+    heat, offsets, level = labeler._network(np.zeros((1, 640, 320, 1), np.float32))
+    assert heat.shape == (1, 160, 80, 1) and offsets.shape == (1, 160, 80, 8) and level.shape == (1, 160, 80, 1)
+    assert np.all(np.isfinite(heat)) and np.all(np.isfinite(offsets)) and np.all(np.isfinite(level))
     # training also wrote the ONNX export, recorded in the metadata, with the same outputs
     assert meta["onnx"]["file"] == "tiny.onnx" and "tf2onnx" in meta["onnx"]["versions"]
     exported = XrayLabeler.load(out / "tiny.onnx")
-    heat2, offsets2 = exported._network(np.zeros((1, 640, 320, 1), np.float32))
+    heat2, offsets2, level2 = exported._network(np.zeros((1, 640, 320, 1), np.float32))
     assert np.abs(heat2 - heat).max() <= 1e-4 and np.abs(offsets2 - offsets).max() <= 1e-4
+    assert np.abs(level2 - level).max() <= 1e-4
 
 
 @pytest.mark.slow
@@ -79,8 +80,9 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
 
 @pytest.mark.slow
 def test_training_batches_put_each_centre_on_its_vertebra(tmp_path):
-    """The tf.data pipeline yields (x, (heatmap, offsets + mask)); the heatmap peaks are the
-    vertebra centres of the augmented image, and the offsets there point at the corners."""
+    """The tf.data pipeline yields (x, (heatmap, offsets + mask, level + mask)); the heatmap peaks
+    are the vertebra centres of the augmented image, the offsets there point at the corners and
+    the level map holds each vertebra's index, top to bottom."""
     import tensorflow as tf
 
     from VertebralLabelingLib.xray import data as xray_data
@@ -94,13 +96,17 @@ def test_training_batches_put_each_centre_on_its_vertebra(tmp_path):
             x0, y0 = 190 + 4 * i, 40 + 34 * v
             points[i, 4 * v: 4 * v + 4] = [(x0, y0), (x0 + 60, y0), (x0, y0 + 24), (x0 + 60, y0 + 24)]
     dataset = xray_train.make_dataset(tf, images, points, batch_size=2, seed=3)
-    x, (heat, offsets) = next(iter(dataset))
+    x, (heat, offsets, level) = next(iter(dataset))
     assert x.shape == (2, 640, 320, 1) and heat.shape == (2, 160, 80, 1) and offsets.shape == (2, 160, 80, 9)
     batch = next(xray_train.batches(images, points, 2, seed=3))  # the same first batch, in numpy
     assert np.allclose(batch[0], x.numpy()) and np.allclose(batch[1], heat.numpy())
-    heat, offsets = heat.numpy()[0, ..., 0], offsets.numpy()[0]
+    heat, offsets, level = heat.numpy()[0, ..., 0], offsets.numpy()[0], level.numpy()[0]
     centres = np.argwhere(heat == 1.0)  # one exact peak per vertebra
     assert len(centres) == 17
+    rows_in_order = centres[np.argsort(centres[:, 0])]
+    levels = [xray_data.level_of(level[r, c, 0]) for r, c in rows_in_order]
+    np.testing.assert_allclose(levels, np.arange(17), atol=1e-5)  # T1 = 0 ... L5 = 16
+    assert np.all(level[..., 1] == offsets[..., 8])  # the level is read where the offsets are
     for row, col in centres:
         assert offsets[row, col, 8] == 1.0  # regression mask at the centre
         corners = offsets[row, col, :8].reshape(4, 2) * xray_data.OFFSET_SCALE + [col * 4 + 1.5, row * 4 + 1.5]
