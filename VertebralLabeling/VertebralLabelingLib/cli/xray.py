@@ -118,7 +118,9 @@ def cmd_label(args) -> int:
     if args.json:
         jobs.append((args.json, lambda p: xray_export.write_angles_json(result.cobb, p, {
             "image": str(args.input), "pixel_spacing": list(radiograph.spacing),
-            "source": "markups" if args.markups else str(args.model)})))
+            "source": "markups" if args.markups else str(args.model),
+            # the chain could sit a whole level off (T1 on C7): end vertebrae need a check
+            "level_uncertain": bool(result.level_uncertain), "warnings": list(result.warnings)})))
     if args.qc:
         jobs.append((args.qc, lambda p: xray_export.write_qc_png(
             radiograph.array, result.points_px, result.cobb, p, confidence)))

@@ -1,0 +1,70 @@
+"""How well the "chain could be shifted by a level" flag covers the shifted chains.
+
+The flag's thresholds (``xray.label.LEVEL_RESIDUAL_RANGE``, ``END_PEAK_REVIEW``) were chosen on the
+80 training images this script draws (seed 0, as ``xray_postprocessing.py``); the validation split
+is reported beside them, never used to choose.  Per image: the whole-level shift of the decoded
+chain against the truth (``xray.evaluate.level_shift``) and whether the flag is raised.
+
+    .venv/bin/python benchmark/xray_level_flag.py [MODEL] [--grid]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
+
+from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.xray import aasce  # noqa: E402
+from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
+from VertebralLabelingLib.xray.evaluate import level_shift  # noqa: E402
+
+
+def measure(labeler, aset, indices):
+    """(shifted, median level residual, weaker end peak) per image."""
+    rows = []
+    for index in indices:
+        radiograph = xray_data.read_radiograph(aset.image_path(index))
+        image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
+        decoded = labeler.decode_input(image)
+        truth = aset.landmarks[index] * [radiograph.width, radiograph.height]
+        shifted = level_shift(xray_data.apply(matrix, decoded.corners), truth) != 0
+        residuals = decoded.level_residuals()
+        median = float(np.median(residuals)) if residuals is not None else 0.0
+        rows.append((shifted, median, float(min(decoded.peaks[0], decoded.peaks[-1]))))
+    return np.array(rows, float)
+
+
+def coverage(rows, low, high, end_peak):
+    shifted = rows[:, 0] > 0
+    flagged = (rows[:, 1] < low) | (rows[:, 1] > high) | (rows[:, 2] < end_peak)
+    return (f"shifted {shifted.sum():.0f}/{len(rows)}, caught {np.sum(flagged & shifted):.0f}, "
+            f"missed {np.sum(~flagged & shifted):.0f}, flagged {flagged.mean():.0%}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", nargs="?", default="xray-compact")
+    parser.add_argument("--grid", action="store_true", help="also print the thresholds tried on training images")
+    args = parser.parse_args()
+    aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
+    train, val = aasce.split_names(aset.names)
+    rng = np.random.default_rng(0)
+    train_idx = sorted(rng.choice(aset.indices_of(train), 80, replace=False).tolist())
+    labeler = xray_label.XrayLabeler.load(args.model)
+    on_train, on_val = measure(labeler, aset, train_idx), measure(labeler, aset, aset.indices_of(val))
+    low, high = xray_label.LEVEL_RESIDUAL_RANGE
+    if args.grid:
+        for lo in (-0.15, -0.1, -0.05, 0.0, 0.05):
+            for end_peak in (0.0, 0.3):
+                print(f"train, residual < {lo:5.2f} or > {high}, end peak < {end_peak}: "
+                      f"{coverage(on_train, lo, high, end_peak)}")
+    print(f"shipped rule, 80 training images:   {coverage(on_train, low, high, xray_label.END_PEAK_REVIEW)}")
+    print(f"shipped rule, {len(on_val)} validation images: {coverage(on_val, low, high, xray_label.END_PEAK_REVIEW)}")
+
+
+if __name__ == "__main__":
+    main()
