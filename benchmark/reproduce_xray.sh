@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the shipped X-ray landmark model and its measured numbers (2 CPU cores, ~1 h).
+# Reproduce the shipped X-ray landmark model and its measured numbers (2 CPU cores, ~2 h).
 # Data: ../shared/data/xray-aasce (override with VERTEBRAL_LABELING_DATA). Outputs go to runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +16,15 @@ $VL xray train --data "$DATA" --out runs/xray_model --time-budget-min 42 --seed 
 $VL xray train --data "$DATA" --out runs/xray_model2 --init runs/xray_model/xray-compact.keras \
     --learning-rate 1e-3 --time-budget-min 20 --seed 1
 
-# 3. Post-processing options, chosen on 80 training images (never on validation); copy the model
-#    to VertebralLabeling/Resources/Models and put the chosen options into its .json to ship it
-.venv/bin/python benchmark/xray_postprocessing.py runs/xray_model2/xray-compact.keras --json runs/xray_post2.json
+#    then 40 min more with the level head added (seed 2; the shared layers are copied from stage 2)
+$VL xray train --data "$DATA" --out runs/xray_model3 --init runs/xray_model2/xray-compact.keras \
+    --learning-rate 1e-3 --time-budget-min 40 --seed 2 --checkpoint-minutes 8
+
+# 3. Post-processing options and the level flag's coverage, chosen on 80 training images (never on
+#    validation); copy the model to VertebralLabeling/Resources/Models and put the chosen options
+#    into its .json to ship it
+.venv/bin/python benchmark/xray_postprocessing.py runs/xray_model3/xray-compact.keras --json runs/xray_post3.json
+.venv/bin/python benchmark/xray_level_flag.py runs/xray_model3/xray-compact.keras --grid
 
 # 4. Validation metrics of the shipped model (84 images of the held-out patients)
 $VL xray evaluate --images "$DATA/images" --labels "$DATA/labels" --split val \
