@@ -50,3 +50,34 @@ def test_small_field_of_view_leaves_missing_discs_out():
     np.testing.assert_allclose(positions[1:3, 0], [20, 37], atol=0.6)
     assert peaks[1] > 0.5 and peaks[2] > 0.5
     assert peaks[0] == 0 and (peaks[3:] == 0).all()
+
+
+# -- contrast test-time augmentation ---------------------------------------------------------------
+def test_inverting_inside_the_body_keeps_the_air_dark():
+    from VertebralLabelingLib.mri.labeling import invert_inside_body
+
+    image = np.zeros((1, 64, 48), np.float32)
+    image[0, 16:48, 12:36] = 0.2  # "tissue"
+    image[0, 28:36, 20:28] = 1.0  # "fluid", bright as in T2
+    out = invert_inside_body(image)
+    assert out[0, 0, 0] == 0.0 and out[0, 60, 2] == 0.0  # air stays dark
+    assert out[0, 32, 24] < 0.2 < out[0, 20, 14]  # fluid now darker than tissue, as in T1
+
+
+@pytest.mark.parametrize("acquired, inverted, chosen", [
+    (0.8, 0.6, "acquired"),   # the acquired contrast is surer
+    (0.35, 0.45, "acquired"),  # both unsure: the contrast is not changed on two low guesses
+    (0.35, 0.7, "inverted"),  # confident only once inverted (a T1-like scan)
+])
+def test_contrast_tta_takes_the_inverted_run_only_when_confident(monkeypatch, acquired, inverted, chosen):
+    from VertebralLabelingLib.mri import labeling
+
+    labeler = labeling.DiscLabeler.__new__(labeling.DiscLabeler)
+    labeler.meta = {}
+    images = np.full((3, 64, 48), 0.5, np.float32)
+    # the network sees the three acquired slices, then the three inverted ones
+    labeler._forward = lambda batch: np.concatenate([np.full((3, 4, 4, 8), acquired), np.full((3, 4, 4, 8), inverted)])
+    monkeypatch.setattr(labeling.DiscLabeler, "_decode_compact", staticmethod(
+        lambda heatmaps, stride: ("positions", np.full((3, 6), heatmaps.max()), np.ones(6), None)))
+    run = labeler._run_compact(images)
+    assert run[1].max() == (acquired if chosen == "acquired" else inverted)

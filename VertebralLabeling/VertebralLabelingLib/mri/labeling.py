@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from .. import DISC_NAMES, DISC_VALUES
 from ..errors import InputError
@@ -43,9 +44,24 @@ REVIEW_BELOW = 0.35
 #: On the leave-one-subject-out folds, correctly placed discs had ratios >= 0.71.
 SECONDARY_PEAK_RATIO = 0.6
 TTA_OFFSETS_MM = (-2.0, 0.0, 2.0)
+#: Contrast test-time augmentation: the slices are also run with their intensities inverted inside
+#: the body (bright fluid dark and the other way round, as between T2 and T1).  The inverted run is
+#: used only when the network is confident on it (mean disc peak at least CONFIDENT_PEAK, the
+#: product's "confident") and more confident than on the slice as acquired: two low-confidence
+#: guesses are not a reason to change the contrast.
+CONFIDENT_PEAK = 0.5
+#: Smoothed intensity (normalised slice) above which a pixel counts as inside the body.
+BODY_THRESHOLD = 0.08
 MIN_SPACING_MM, MAX_SPACING_MM = 7.0, 35.0
 #: Below this mean confidence over all discs we report that no spine was found.
 NO_SPINE_BELOW = 0.2
+
+
+def invert_inside_body(images: np.ndarray) -> np.ndarray:
+    """(n, H, W) normalised slices with the intensities inverted inside the body and the air kept
+    dark: a T1-like slice looks T2-like, and the other way round."""
+    body = ndimage.gaussian_filter(images, (0, 2.0, 2.0)) > BODY_THRESHOLD
+    return np.where(body, np.clip(1.15 - images, 0, None), images * 0.3).astype(images.dtype)
 
 
 @dataclass
@@ -166,7 +182,17 @@ class DiscLabeler:
     def _run_compact(self, images):
         stride = int(self.meta.get("stride", model_lib.COMPACT_STRIDE))
         multiple = 2 * int(self.meta.get("input_multiple", model_lib.COMPACT_MULTIPLE))
-        heatmaps = self._forward(_pad_to_multiple(images, multiple)[..., None])
+        both = np.concatenate([images, invert_inside_body(images)])
+        acquired, inverted = (self._decode_compact(part, stride) for part in
+                              np.split(self._forward(_pad_to_multiple(both, multiple)[..., None]), 2))
+        confidence = [float(np.mean(run[1])) for run in (acquired, inverted)]
+        if confidence[1] >= CONFIDENT_PEAK and confidence[1] > confidence[0]:
+            return inverted
+        return acquired
+
+    @staticmethod
+    def _decode_compact(heatmaps, stride):
+        """Disc positions and peaks per parallel slice, their mean peak ratios, the extra maps."""
         n_discs = len(DISC_NAMES)
         n_tta = heatmaps.shape[0]
         positions = np.zeros((n_tta, n_discs, 2))

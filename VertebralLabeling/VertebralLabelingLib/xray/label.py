@@ -75,14 +75,16 @@ def _corners_at(heat, offsets, y, x):
     return (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
 
 
-#: Cost of one level of disagreement between a candidate's level-head reading and the level it
-#: would get in the chain (a peak height is at most 1, so this outweighs a stronger wrong peak).
+#: Default cost of one level of disagreement between a candidate's level-head reading and the level
+#: it would get in the chain; a model's metadata (``level_weight``) overrides it (the shipped model
+#: uses 0.1, chosen on training images).
 LEVEL_WEIGHT = 1.0
 #: A chain could sit a whole level off when the level head's readings, less the chain's own levels
-#: (median over the 17), fall outside this range (the head reads correct chains about 0.15 high),
-#: or when its weaker end vertebra (T1 or L5) has a centre peak below END_PEAK_REVIEW.  Chosen on 80
-#: training images (benchmark/xray_level_flag.py): 8 of 11 shifted chains caught, 29 % flagged.
-LEVEL_RESIDUAL_RANGE = (-0.15, 0.35)
+#: (median over the 17), fall outside this range (the head reads correct chains slightly high), or
+#: when its weaker end vertebra (T1 or L5) has a centre peak below END_PEAK_REVIEW.  Chosen on 80
+#: training images (benchmark/xray_level_flag.py --grid) as the rule that flags every shifted chain
+#: there with the fewest flags: 9 of 9 caught, 66 % of images flagged.
+LEVEL_RESIDUAL_RANGE = (0.0, 0.35)
 END_PEAK_REVIEW = 0.3
 
 
@@ -119,10 +121,10 @@ def _level_at(level: np.ndarray, heat: np.ndarray, y: int, x: int) -> float:
 
 
 def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: int = N_VERTEBRAE,
-                  nms: int = 3, chain: float = 0.0) -> Decoded:
+                  nms: int = 3, chain: float = 0.0, level_weight: float = LEVEL_WEIGHT) -> Decoded:
     """Like :func:`decode`, but each candidate also carries its level reading and the chain is
     chosen jointly on peak height, regular spacing and agreement with the levels: vertebra m of the
-    chain pays ``LEVEL_WEIGHT * |level - m|``.  So a strong peak on C7 does not become "T1" when
+    chain pays ``level_weight * |level - m|``.  So a strong peak on C7 does not become "T1" when
     the level head places it above T1, and a chain can start at the true T1 even if it is weaker.
     """
     local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
@@ -135,7 +137,7 @@ def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: i
     order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
     ys, xs, cand = ys[order], xs[order], cand[order]
     levels = np.array([_level_at(level, heat, y, x) for y, x in zip(ys, xs)])
-    chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels)
+    chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels, level_weight)
     return Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])
 
 
@@ -171,9 +173,9 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int
     return corners[top_down].reshape(-1, 2), heat[ys, xs][top_down]
 
 
-def _chain(centres, scores, n, weight, levels=None):
+def _chain(centres, scores, n, weight, levels=None, level_weight=LEVEL_WEIGHT):
     """Indices of ``n`` candidates (sorted top-down) forming the best-scoring regular chain
-    (with ``levels``, candidate i as vertebra m also pays ``LEVEL_WEIGHT * |levels[i] - m|``)."""
+    (with ``levels``, candidate i as vertebra m also pays ``level_weight * |levels[i] - m|``)."""
     k = len(centres)
     strongest = np.sort(np.argsort(-scores, kind="stable")[:n])
     pitch = max(float(np.median(np.linalg.norm(np.diff(centres[strongest], axis=0), axis=1))), 1e-3)
@@ -186,7 +188,7 @@ def _chain(centres, scores, n, weight, levels=None):
     best = np.full((n, k), -np.inf)
     back = np.zeros((n, k), int)
     def unary(m):
-        return scores if levels is None else scores - LEVEL_WEIGHT * np.abs(levels - m)
+        return scores if levels is None else scores - level_weight * np.abs(levels - m)
 
     best[0] = unary(0)
     for m in range(1, n):
@@ -239,6 +241,7 @@ class XrayLabeler:
         self.tilt_smoothing = float(meta.get("tilt_smoothing", 0.0))
         self.nms = int(meta.get("nms", 3))
         self.chain = float(meta.get("chain_decoding", 0.0))
+        self.level_weight = float(meta.get("level_weight", LEVEL_WEIGHT))
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
@@ -279,7 +282,7 @@ class XrayLabeler:
         if lv is None:
             decoded = Decoded(*decode(h, o, nms=self.nms, chain=self.chain))
         else:
-            decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain)
+            decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain, level_weight=self.level_weight)
         if self.tilt_smoothing > 0:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded
