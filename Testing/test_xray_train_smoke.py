@@ -114,3 +114,19 @@ def test_training_batches_put_each_centre_on_its_vertebra(tmp_path):
         assert np.hypot(*(centre - [col * 4 + 1.5, row * 4 + 1.5])) <= 4 * 0.75  # within the cell
         width, height = np.ptp(corners[:, 0]), np.ptp(corners[:, 1])
         assert 30 < width < 120 and 10 < height < 60  # a box's corners, scaled by the augmentation
+
+
+@pytest.mark.slow
+def test_continuing_copies_every_layer_with_or_without_the_level_head():
+    from VertebralLabelingLib.xray import network
+
+    x = np.random.default_rng(0).random((1, 128, 64, 1)).astype(np.float32)
+    old = network.build(level_head=False)
+    with_level = network.build()
+    assert network.copy_shared_weights(old, with_level) > 0  # the level head starts fresh
+    for a, b in zip(old(x), with_level(x)[:2]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    again = network.build()
+    network.copy_shared_weights(with_level, again)  # a model that has the level head: all of it
+    for a, b in zip(with_level(x), again(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -94,7 +94,9 @@ def copy_shared_weights(source, target) -> int:
     layers copied.  Layers are paired in graph order (the shared part is built by the same code);
     any shape mismatch is refused rather than silently skipped.
     """
-    shared = [layer for layer in target.layers if not layer.name.startswith("level")]
+    shared = target.layers
+    if len(source.layers) != len(target.layers):  # the source has no level head yet
+        shared = [layer for layer in target.layers if not layer.name.startswith("level")]
     if len(shared) != len(source.layers):
         raise ModelError(f"cannot continue from {source.name}: {len(source.layers)} layers, "
                          f"expected {len(shared)}")
