@@ -64,14 +64,19 @@ def cobb_from_physical(points, radiograph: Radiograph) -> CobbResult:
     return cobb_from_points(radiograph.physical_to_pixel(points), radiograph)
 
 
-def _corners_at(heat, offsets, y, x):
-    """Corners (4, 2) read around peak cell (y, x): heatmap-weighted mean over its 3 x 3 cells."""
+def _window(heat, y, x):
+    """The 3 x 3 cells around peak cell (y, x), clipped to the map, and their weights (heat²)."""
     h, w = heat.shape
     y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
-    weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
-    cy, cx = np.mgrid[y0:y1, x0:x1]
+    return (slice(y0, y1), slice(x0, x1)), heat[y0:y1, x0:x1] ** 2 + 1e-12
+
+
+def _corners_at(heat, offsets, y, x):
+    """Corners (4, 2) read around peak cell (y, x): heatmap-weighted mean over its 3 x 3 cells."""
+    (rows, cols), weights = _window(heat, y, x)
+    cy, cx = np.mgrid[rows, cols]
     cell = np.stack([(cx + 0.5) * STRIDE - 0.5, (cy + 0.5) * STRIDE - 0.5], axis=-1)
-    pred = offsets[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, 4, 2) * OFFSET_SCALE + cell[:, :, None, :]
+    pred = offsets[rows, cols].reshape(weights.shape + (4, 2)) * OFFSET_SCALE + cell[:, :, None, :]
     return (pred * weights[..., None, None]).sum(axis=(0, 1)) / weights.sum()
 
 
@@ -114,10 +119,27 @@ class Decoded:
 
 def _level_at(level: np.ndarray, heat: np.ndarray, y: int, x: int) -> float:
     """The level head's reading (vertebra index, 0 = T1) around a peak, heat-weighted over 3 x 3."""
-    h, w = heat.shape
-    y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
-    weights = heat[y0:y1, x0:x1] ** 2 + 1e-12
-    return float(xray_data.level_of((level[y0:y1, x0:x1] * weights).sum() / weights.sum()))
+    cells, weights = _window(heat, y, x)
+    return float(xray_data.level_of((level[cells] * weights).sum() / weights.sum()))
+
+
+def _peak_cells(heat: np.ndarray, n: int, nms: int):
+    """(rows, cols) of the ``nms`` x ``nms`` local maxima; refuses fewer than ``n``."""
+    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
+    ys, xs = np.nonzero(local_max)
+    if len(ys) < n:
+        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
+    return ys, xs
+
+
+def _chain_candidates(heat: np.ndarray, offsets: np.ndarray, n: int, nms: int):
+    """The 4 n strongest peaks, sorted top to bottom: (rows, cols, corners (k, 4, 2))."""
+    ys, xs = _peak_cells(heat, n, nms)
+    keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]
+    ys, xs = ys[keep], xs[keep]
+    cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
+    order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
+    return ys[order], xs[order], cand[order]
 
 
 def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: int = N_VERTEBRAE,
@@ -127,15 +149,7 @@ def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: i
     chain pays ``level_weight * |level - m|``.  So a strong peak on C7 does not become "T1" when
     the level head places it above T1, and a chain can start at the true T1 even if it is weaker.
     """
-    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
-    ys, xs = np.nonzero(local_max)
-    if len(ys) < n:
-        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
-    keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]
-    ys, xs = ys[keep], xs[keep]
-    cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
-    order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
-    ys, xs, cand = ys[order], xs[order], cand[order]
+    ys, xs, cand = _chain_candidates(heat, offsets, n, nms)
     levels = np.array([_level_at(level, heat, y, x) for y, x in zip(ys, xs)])
     chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels, level_weight)
     return Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])
@@ -153,19 +167,12 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int
     corners are the heatmap-weighted mean of (cell position + offset) over the 3 x 3 cells
     around its peak.
     """
-    local_max = (heat == ndimage.maximum_filter(heat, size=nms, mode="constant", cval=-1.0)) & (heat > 1e-3)
-    ys, xs = np.nonzero(local_max)
-    if len(ys) < n:
-        raise InputError(f"Only {len(ys)} vertebra candidates found; is this an AP spine radiograph?")
     if chain > 0:
-        keep = np.argsort(-heat[ys, xs], kind="stable")[: 4 * n]  # strongest candidates only
-        ys, xs = ys[keep], xs[keep]
-        cand = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
-        order = np.argsort(cand[:, :, 1].mean(axis=1), kind="stable")
-        ys, xs, cand = ys[order], xs[order], cand[order]
+        ys, xs, cand = _chain_candidates(heat, offsets, n, nms)
         chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain)
         corners, peaks = cand[chosen], heat[ys[chosen], xs[chosen]]
         return corners.reshape(-1, 2), peaks
+    ys, xs = _peak_cells(heat, n, nms)
     order = np.argsort(-heat[ys, xs], kind="stable")[:n]
     ys, xs = ys[order], xs[order]
     corners = np.array([_corners_at(heat, offsets, y, x) for y, x in zip(ys, xs)])
