@@ -19,6 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
+from xray_postprocessing import choosing_images  # noqa: E402  (this folder: the same 80 images)
+
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
@@ -77,8 +79,7 @@ def main():
     args = parser.parse_args()
     aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
     train, val = aasce.split_names(aset.names)
-    rng = np.random.default_rng(0)
-    train_idx = sorted(rng.choice(aset.indices_of(train), 80, replace=False).tolist())
+    train_idx = choosing_images(aset, train)
     labeler = xray_label.XrayLabeler.load(args.model)
     if args.weights:
         for name, indices in (("train", train_idx), ("val", aset.indices_of(val))):

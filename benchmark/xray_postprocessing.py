@@ -26,6 +26,13 @@ SMOOTHING = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHAIN = (0.0, 1.0)
 
 
+def choosing_images(aset, train_names, count: int = 80) -> list:
+    """The training images options are chosen on: ``count`` drawn with seed 0, in file order
+    (``xray_level_flag.py`` chooses on the same ones)."""
+    rng = np.random.default_rng(0)
+    return sorted(rng.choice(aset.indices_of(train_names), count, replace=False).tolist())
+
+
 def run(labeler, aset, indices, log):
     rows = {}
     for n, index in enumerate(indices):
@@ -56,8 +63,7 @@ def main():
     args = parser.parse_args()
     aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
     train, val = aasce.split_names(aset.names)
-    rng = np.random.default_rng(0)
-    train_idx = sorted(rng.choice(aset.indices_of(train), args.train_images, replace=False).tolist())
+    train_idx = choosing_images(aset, train, args.train_images)
     labeler = XrayLabeler.load(args.model)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     start = time.time()
