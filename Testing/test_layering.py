@@ -64,7 +64,7 @@ def _package(module: str, path: Path) -> list[str]:
 def imports_of(module: str) -> list[tuple[str, int, bool]]:
     """(imported first-party module, line, inside a function) for every import of ``module``."""
     path = MODULES[module]
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     top = {id(node) for node in tree.body}
     found = []
     for node in ast.walk(tree):
@@ -88,7 +88,7 @@ def imports_of(module: str) -> list[tuple[str, int, bool]]:
 
 def third_party_in_functions(module: str) -> list[str]:
     path = MODULES[module]
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(node) for node in tree.body}
     bad = []
     for node in ast.walk(tree):
@@ -162,7 +162,7 @@ def test_layering_check_catches_a_violation(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(LIB.rglob("*.py")), ids=lambda p: p.relative_to(LIB).as_posix())
 def test_module_and_function_sizes(path):
-    source = path.read_text()
+    source = path.read_text(encoding="utf-8")
     lines = len(source.splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines (at most {MAX_MODULE_LINES})"
     for node in ast.walk(ast.parse(source)):

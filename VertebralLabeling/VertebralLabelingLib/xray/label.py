@@ -65,7 +65,7 @@ def cobb_from_physical(points, radiograph: Radiograph) -> CobbResult:
 
 
 def _window(heat, y, x):
-    """The 3 x 3 cells around peak cell (y, x), clipped to the map, and their weights (heat²)."""
+    """The 3 x 3 cells around peak cell (y, x), clipped to the map, and their weights (heat squared)."""
     h, w = heat.shape
     y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
     return (slice(y0, y1), slice(x0, x1)), heat[y0:y1, x0:x1] ** 2 + 1e-12
