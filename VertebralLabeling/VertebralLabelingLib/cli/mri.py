@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..io.files import MARKUPS_SUFFIX, data_root, write_atomic_bytes
+from ..io.files import MARKUPS_SUFFIX, data_root, write_json
 
 
 def _add_label(sub):
@@ -144,7 +144,7 @@ def cmd_evaluate(args):
     folds = fold_models(args.fold_dir) if args.fold_dir else {}
     metrics = evaluate(args.bids, model=args.model, model_for_subject=folds, subjects=args.subjects,
                        log=lambda m: print(m, file=sys.stderr))
-    write_atomic_bytes(args.json, (json.dumps(metrics, indent=2) + "\n").encode())
+    write_json(args.json, metrics)
     keys = ("n_subjects", "n_discs", "mean_error_mm", "median_error_mm", "mean_error_sagittal_mm",
             "identification_rate", "silent_error_rate", "flag_rate", "correct_when_confident",
             "seconds_per_case", "model_parameters")

@@ -6,13 +6,12 @@ code when it runs (it loads SimpleITK and ONNX Runtime), so ``--help`` answers a
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..io.files import write_atomic_bytes
+from ..io.files import write_json
 
 
 def register(sub) -> None:
@@ -111,7 +110,7 @@ def cmd_batch(args) -> int:
                         shard=shard, qc_file=args.qc, report=not args.no_report)
     if args.summary_json:
         data = dict(summary.as_dict(), shard=list(shard) if shard else None)
-        write_atomic_bytes(args.summary_json, (json.dumps(data, indent=2) + "\n").encode())
+        write_json(args.summary_json, data)
     print(f"table: {summary.table}")
     if summary.report:
         print(f"QC page: {summary.report}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io.files import MARKUPS_SUFFIX, data_root, write_atomic_bytes
+from ..io.files import MARKUPS_SUFFIX, data_root, write_json
 
 
 def register(sub) -> None:
@@ -80,10 +80,6 @@ def _refuse_existing(paths, overwrite):
                          "pass --overwrite to replace it.")
 
 
-def _write_json(path, data):
-    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
 def cmd_label(args) -> int:
     from ..xray import export as xray_export
     from ..xray.cobb import N_VERTEBRAE
@@ -141,7 +137,7 @@ def cmd_cobb(args) -> int:
     _refuse_existing([args.json], args.overwrite)
     summary = cobb_from_ground_truth(args.images, args.labels, args.split, args.files,
                                      log=lambda m: print(m, file=sys.stderr))
-    _write_json(args.json, summary)
+    write_json(args.json, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
     return 0
 
@@ -152,7 +148,7 @@ def cmd_evaluate(args) -> int:
     _refuse_existing([args.json], args.overwrite)
     metrics = evaluate_model(args.images, args.labels, args.model, args.split, args.files,
                              args.limit, log=lambda m: print(m, file=sys.stderr))
-    _write_json(args.json, metrics)
+    write_json(args.json, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "images"}, indent=2))
     return 0
 

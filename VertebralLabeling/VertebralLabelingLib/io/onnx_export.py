@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ModelError
 from . import models as model_lib
-from .files import sha256_file, write_atomic_bytes
+from .files import sha256_file, write_json
 
 #: ONNX opset of the export (ONNX Runtime >= 1.17 runs it).
 OPSET = 17
@@ -146,7 +146,7 @@ def export_onnx(keras_path, onnx_path=None, tolerance: float = TOLERANCE) -> Pat
     meta["onnx"] = _onnx_record(session, names, order, onnx_path, keras_path, max(diffs), x.shape)
     meta.setdefault("parameters", int(model.count_params()))
     # Beside the .onnx (the same NAME.json as the .keras file's when they sit together).
-    write_atomic_bytes(onnx_path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    write_json(onnx_path.with_suffix(".json"), meta)
     return onnx_path
 
 

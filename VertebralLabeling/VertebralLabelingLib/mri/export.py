@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
-from ..io.files import write_atomic_bytes
+from ..io.files import write_atomic_bytes, write_json
 from ..io.images import write_image_atomic
 from ..io.markups import control_point, markups_document, read_control_points
 from .midsagittal import normalize_intensity
@@ -40,7 +39,7 @@ def markups_dict(discs, locked: bool = False) -> dict:
 
 
 def write_markups_json(discs, path, locked: bool = False) -> None:
-    write_atomic_bytes(path, (json.dumps(markups_dict(discs, locked), indent=2) + "\n").encode())
+    write_json(path, markups_dict(discs, locked))
 
 
 def read_markups_json(path):

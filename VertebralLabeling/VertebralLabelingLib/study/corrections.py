@@ -15,7 +15,6 @@ label came from), which ``vertebral-labeling train --labels DIR`` reads directly
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from ..io.files import (
     read_json,
     read_qc_marks,
     sha256_file,
-    write_atomic_bytes,
     write_json,
 )
 from ..io.markups import geometry_of, read_disc_points
@@ -62,7 +60,7 @@ def save_corrected(discs, path, source_image=None, note: str = "") -> Path:
     data[CORRECTED_KEY] = {"humanCorrected": True, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "sourceImage": str(source_image) if source_image else "",
                            "note": note, "tool": f"vertebral-labeling {__version__}"}
-    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_json(path, data)
     return Path(path)
 
 

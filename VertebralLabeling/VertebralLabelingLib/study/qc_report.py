@@ -34,7 +34,7 @@ from string import Template
 from PIL import Image
 
 from ..errors import InputError
-from ..io.files import read_json, read_qc_marks, write_atomic_bytes
+from ..io.files import read_json, read_qc_marks, write_atomic_bytes, write_json
 from .bids import SUFFIX_CORRECTED, SUFFIX_QC, default_qc_file
 from .table import study_entries
 
@@ -240,7 +240,7 @@ class _QcHandler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError):
             self._refuse(400, "not a qc.json document")
             return
-        write_atomic_bytes(self.server.qc_dir / "qc.json", (json.dumps(data, indent=2) + "\n").encode())
+        write_json(self.server.qc_dir / "qc.json", data)
         self.send_response(204)
         self.end_headers()
 

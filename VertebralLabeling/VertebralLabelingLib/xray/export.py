@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import InputError
-from ..io.files import write_atomic_bytes
+from ..io.files import write_atomic_bytes, write_json
 from ..io.markups import control_point, markups_document, read_control_points
 from .cobb import CORNER_NAMES, N_POINTS, N_VERTEBRAE, VERTEBRA_NAMES, CobbResult
 from .data import POINT_LABELS, normalize
@@ -68,8 +67,7 @@ def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = F
 
 
 def write_markups_json(points, path, confidence=None, slice_z: float = 0.0) -> None:
-    data = markups_dict(points, confidence, slice_z)
-    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_json(path, markups_dict(points, confidence, slice_z))
 
 
 def read_markups_json(path) -> np.ndarray:
@@ -96,8 +94,7 @@ def write_csv(points, path, points_px=None, confidence=None, slice_z: float = 0.
 
 
 def write_angles_json(cobb: CobbResult, path, extra: dict | None = None) -> None:
-    data = dict(extra or {}, **angles_dict(cobb))
-    write_atomic_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_json(path, dict(extra or {}, **angles_dict(cobb)))
 
 
 # -- QC picture ------------------------------------------------------------------------------
