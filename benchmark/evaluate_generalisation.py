@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "VertebralLabeling"))
 
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
+from VertebralLabelingLib.mri import labeling  # noqa: E402
 from VertebralLabelingLib.mri.evaluate import evaluate, fold_models  # noqa: E402
 from VertebralLabelingLib.mri.stress import VARIANTS, write_stress_dataset  # noqa: E402
 
@@ -57,7 +58,11 @@ def main(argv=None) -> int:
     parser.add_argument("--stress", type=Path, help="stress datasets (made here when missing)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="write all metrics here")
+    parser.add_argument("--confident-peak", type=float, default=labeling.CONFIDENT_PEAK,
+                        help="contrast test-time augmentation: mean peak the inverted run needs to be used "
+                        "(default: the labeler's; 0 = whenever it is surer, inf = never, i.e. no augmentation)")
     args = parser.parse_args(argv)
+    labeling.CONFIDENT_PEAK = args.confident_peak  # the design comparison of the README
 
     bids = data_root() / "mri" / "bids"
     stress_dir = args.stress or Path(tempfile.mkdtemp(prefix="vl-stress-"))
