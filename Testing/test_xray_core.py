@@ -294,7 +294,7 @@ def test_flip_averaging_maps_the_mirrored_output_back():
     def network(batch):
         seen.append(batch.shape)
         outs = [xray_data.targets(p) for p in (pts, mirrored(pts))][: len(batch)]
-        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), None
+        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), None, None
 
     labeler._network = network
     corners, peaks = labeler.predict_input(np.zeros(xray_data.INPUT_SHAPE, np.float32))
@@ -392,3 +392,56 @@ def test_a_chain_the_level_head_disagrees_with_is_flagged():
     shifted = np.where(level != 0, level + 1.0 / LEVEL_CENTRE, level)  # every reading one level lower
     decoded = decode_levels(heat, offsets, shifted)
     assert decoded.could_shift()
+
+
+def test_anchor_heads_move_the_chain_onto_t1_when_the_level_head_cannot_tell():
+    """Level readings that fit T1..L5 and C7..L4 equally (all zero weight) and a C7-like peak
+    stronger than L5: the plain chain takes C7; the T1 and L5 anchors put it back on T1..L5."""
+    from VertebralLabelingLib.xray.label import decode_levels
+
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=1.0)
+    heat[(heat > 0.99)] = 1.0
+    l5 = np.unravel_index(np.argmax(heat * (np.arange(heat.shape[0]) > heat.shape[0] * 0.8)[:, None]), heat.shape)
+    heat[l5] = 0.9
+    unanchored = decode_levels(heat, offsets, level, level_weight=0.0)
+    assert unanchored.corners.reshape(17, 4, 2)[0].mean(axis=0)[1] < 80 - 16  # T1 on C7
+    anchors = xray_data.anchor_targets(pts)
+    decoded = decode_levels(heat, offsets, level, level_weight=0.0, anchors=anchors, anchor_weight=1.0)
+    np.testing.assert_allclose(decoded.corners.reshape(17, 4, 2).mean(axis=1),
+                               pts.reshape(17, 4, 2).mean(axis=1), atol=1.0)
+    assert decoded.anchor_ends.min() > 0.9 and decoded.anchor_rivals.max() < 0.5
+    assert not decoded.anchors_disagree()
+
+
+def test_a_chain_whose_end_is_not_on_its_anchor_is_flagged():
+    from VertebralLabelingLib.xray.label import decode_levels
+
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=0.0)
+    above = pts.reshape(17, 4, 2) - [0, 32.0]  # the anchors one level cranial: T1 anchor on C7
+    decoded = decode_levels(heat, offsets, level, anchors=xray_data.anchor_targets(above.reshape(-1, 2)),
+                            anchor_weight=0.0)
+    assert decoded.anchors_disagree() and decoded.could_shift()
+
+
+def test_anchor_targets_peak_on_t1_and_l5():
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    anchors = xray_data.anchor_targets(pts)
+    assert anchors.shape == (160, 80, 2) and anchors.max() == 1.0
+    centres = pts.reshape(17, 4, 2).mean(axis=1)
+    for channel, vertebra in enumerate((0, 16)):
+        row, col = np.unravel_index(np.argmax(anchors[..., channel]), anchors.shape[:2])
+        assert np.hypot(col * 4 + 1.5 - centres[vertebra, 0], row * 4 + 1.5 - centres[vertebra, 1]) <= 4
+
+
+def test_mirrored_samples_keep_aasce_corner_order():
+    rng = np.random.default_rng(0)
+    image = rng.random((640, 320)).astype(np.float32)
+    pts = spine_points(centre_x=120, top=80, pitch=32)
+    flipped, fpts = xray_data.mirror(image, pts)
+    np.testing.assert_array_equal(flipped, image[:, ::-1])
+    corners = fpts.reshape(17, 4, 2)
+    assert np.all(corners[:, 0, 0] < corners[:, 1, 0]) and np.all(corners[:, 2, 0] < corners[:, 3, 0])  # TL left of TR
+    np.testing.assert_allclose(corners.mean(axis=1)[:, 0], 319 - pts.reshape(17, 4, 2).mean(axis=1)[:, 0])
+    np.testing.assert_allclose(xray_data.mirror(*xray_data.mirror(image, pts))[1], pts)  # twice = identity

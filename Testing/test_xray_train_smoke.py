@@ -42,7 +42,8 @@ def test_train_command_makes_a_loadable_model(tmp_path, capsys):
     names = synthetic_aasce(tmp_path / "aasce")
     out = tmp_path / "models"
     argv = ["xray", "train", "--data", str(tmp_path / "aasce"), "--out", str(out), "--name", "tiny",
-            "--steps", "3", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), "--seed", "1"]
+            "--steps", "3", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), "--seed", "1",
+            "--anchor-head", "--flip-probability", "0.5", "--augment-strength", "1.3"]
     assert cli.main(argv) == 0
     log = capsys.readouterr().out
     assert "5 train, 1 validation" in log and "final step 3" in log
@@ -50,17 +51,19 @@ def test_train_command_makes_a_loadable_model(tmp_path, capsys):
     assert meta["steps"] == 3 and meta["seed"] == 1 and meta["task"] == "xray-vertebral-corners"
     assert meta["n_train"] == 5 and len(meta["validation_files"]) == 1
     assert meta["validation_files"][0] in names
+    assert meta["augmentation"] == {"flip_probability": 0.5, "strength": 1.3}
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 6  # images/points/sizes x train/val
     labeler = XrayLabeler.load(out / "tiny.keras")
-    heat, offsets, level = labeler._network(np.zeros((1, 640, 320, 1), np.float32))
+    heat, offsets, level, anchors = labeler._network(np.zeros((1, 640, 320, 1), np.float32))
     assert heat.shape == (1, 160, 80, 1) and offsets.shape == (1, 160, 80, 8) and level.shape == (1, 160, 80, 1)
+    assert anchors.shape == (1, 160, 80, 2) and np.all((anchors >= 0) & (anchors <= 1))
     assert np.all(np.isfinite(heat)) and np.all(np.isfinite(offsets)) and np.all(np.isfinite(level))
     # training also wrote the ONNX export, recorded in the metadata, with the same outputs
     assert meta["onnx"]["file"] == "tiny.onnx" and "tf2onnx" in meta["onnx"]["versions"]
     exported = XrayLabeler.load(out / "tiny.onnx")
-    heat2, offsets2, level2 = exported._network(np.zeros((1, 640, 320, 1), np.float32))
+    heat2, offsets2, level2, anchors2 = exported._network(np.zeros((1, 640, 320, 1), np.float32))
     assert np.abs(heat2 - heat).max() <= 1e-4 and np.abs(offsets2 - offsets).max() <= 1e-4
-    assert np.abs(level2 - level).max() <= 1e-4
+    assert np.abs(level2 - level).max() <= 1e-4 and np.abs(anchors2 - anchors).max() <= 1e-4
 
 
 @pytest.mark.slow
@@ -95,18 +98,20 @@ def test_training_batches_put_each_centre_on_its_vertebra(tmp_path):
         for v in range(17):
             x0, y0 = 190 + 4 * i, 40 + 34 * v
             points[i, 4 * v: 4 * v + 4] = [(x0, y0), (x0 + 60, y0), (x0, y0 + 24), (x0 + 60, y0 + 24)]
-    dataset = xray_train.make_dataset(tf, images, points, batch_size=2, seed=3)
-    x, (heat, offsets, level) = next(iter(dataset))
+    dataset = xray_train.make_dataset(tf, images, points, batch_size=2, seed=3, anchors=True)
+    x, (heat, offsets, level, anchors) = next(iter(dataset))
     assert x.shape == (2, 640, 320, 1) and heat.shape == (2, 160, 80, 1) and offsets.shape == (2, 160, 80, 9)
-    batch = next(xray_train.batches(images, points, 2, seed=3))  # the same first batch, in numpy
+    batch = next(xray_train.batches(images, points, 2, seed=3, anchors=True))  # the same first batch, in numpy
     assert np.allclose(batch[0], x.numpy()) and np.allclose(batch[1], heat.numpy())
-    heat, offsets, level = heat.numpy()[0, ..., 0], offsets.numpy()[0], level.numpy()[0]
+    heat, offsets, level, anchors = heat.numpy()[0, ..., 0], offsets.numpy()[0], level.numpy()[0], anchors.numpy()[0]
     centres = np.argwhere(heat == 1.0)  # one exact peak per vertebra
     assert len(centres) == 17
     rows_in_order = centres[np.argsort(centres[:, 0])]
     levels = [xray_data.level_of(level[r, c, 0]) for r, c in rows_in_order]
     np.testing.assert_allclose(levels, np.arange(17), atol=1e-5)  # T1 = 0 ... L5 = 16
     assert np.all(level[..., 1] == offsets[..., 8])  # the level is read where the offsets are
+    for channel, vertebra in enumerate((0, 16)):  # the anchors peak on the first and last centre
+        assert tuple(np.argwhere(anchors[..., channel] == 1.0)[0]) == tuple(rows_in_order[vertebra])
     for row, col in centres:
         assert offsets[row, col, 8] == 1.0  # regression mask at the centre
         corners = offsets[row, col, :8].reshape(4, 2) * xray_data.OFFSET_SCALE + [col * 4 + 1.5, row * 4 + 1.5]
@@ -117,7 +122,7 @@ def test_training_batches_put_each_centre_on_its_vertebra(tmp_path):
 
 
 @pytest.mark.slow
-def test_continuing_copies_every_layer_with_or_without_the_level_head():
+def test_continuing_copies_every_layer_and_grows_new_heads():
     from VertebralLabelingLib.xray import network
 
     x = np.random.default_rng(0).random((1, 128, 64, 1)).astype(np.float32)
@@ -130,3 +135,14 @@ def test_continuing_copies_every_layer_with_or_without_the_level_head():
     network.copy_shared_weights(with_level, again)  # a model that has the level head: all of it
     for a, b in zip(with_level(x), again(x)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    grown = network.add_anchor_head(again)  # the anchor head grows on the same layers
+    outputs = grown(x)
+    assert len(outputs) == 4 and tuple(outputs[3].shape) == (1, 32, 16, 2)
+    for a, b in zip(again(x), outputs[:3]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    anchored = network.build(anchor_head=True)
+    assert network.copy_shared_weights(grown, anchored) > network.copy_shared_weights(with_level, again)
+    for a, b in zip(outputs, anchored(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(Exception, match="add_anchor_head"):
+        network.copy_shared_weights(with_level, network.build(anchor_head=True))

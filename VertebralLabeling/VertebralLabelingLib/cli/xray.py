@@ -70,6 +70,12 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", default="runs/xray_cache", help="where preprocessed arrays are cached")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--init", help="start from this model (.keras) instead of random weights")
+    p.add_argument("--anchor-head", action="store_true",
+                   help="add the T1 and L5 anchor heatmaps (kept when --init has them)")
+    p.add_argument("--flip-probability", type=float, default=0.0,
+                   help="chance that a training sample is mirrored left-right (default 0)")
+    p.add_argument("--augment-strength", type=float, default=1.0,
+                   help="scale of the random scale, rotation and shift (default 1)")
     p.set_defaults(handler=cmd_train)
 
 
@@ -161,6 +167,7 @@ def cmd_train(args) -> int:
                  steps=args.steps, time_budget_s=args.time_budget_min * 60,
                  learning_rate=args.learning_rate, cache_dir=args.cache_dir,
                  checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
-                 command=command, init=args.init)
+                 command=command, init=args.init, anchor_head=args.anchor_head,
+                 flip_probability=args.flip_probability, augment_strength=args.augment_strength)
     print(f"saved {path}")
     return 0

@@ -221,12 +221,24 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return out.astype(np.float32)
 
 
-def training_sample(image_u8, points, rng, strength=1.0, shape=INPUT_SHAPE):
-    """One augmented (input image, 68 points in input pixels)."""
+def mirror(image: np.ndarray, points) -> tuple:
+    """The left-right mirror of an input image and its 68 points: x -> cols - 1 - x, and each
+    vertebra's left and right corners swap names (TL <-> TR, BL <-> BR), so a mirrored sample is
+    still in AASCE order (a scoliosis curve mirrored is another plausible curve)."""
+    pts = np.asarray(points, float).reshape(-1, 4, 2)[:, [1, 0, 3, 2]].copy()
+    pts[..., 0] = image.shape[1] - 1 - pts[..., 0]
+    return image[:, ::-1].copy(), pts.reshape(-1, 2)
+
+
+def training_sample(image_u8, points, rng, strength=1.0, shape=INPUT_SHAPE, flip_probability=0.0):
+    """One augmented (input image, 68 points in input pixels); ``strength`` scales the random
+    geometry, ``flip_probability`` is the chance of a left-right mirror (:func:`mirror`)."""
     image = image_u8.astype(np.float32) / 255.0
     m = random_transform(rng, image.shape, shape, strength)
     warped = warp(image, m, shape)
     pts = apply(np.linalg.inv(m), points)
+    if flip_probability > 0 and rng.random() < flip_probability:
+        warped, pts = mirror(warped, pts)
     if strength > 0:
         warped = augment_intensity(warped, rng)
     return warped, pts
@@ -239,6 +251,27 @@ LEVEL_CENTRE = 8.0
 def level_of(value):
     """Vertebra index (0 = T1 ... 16 = L5, continuous) from the level head's output."""
     return np.asarray(value, float) * LEVEL_CENTRE + LEVEL_CENTRE
+
+
+#: The anchor head's two channels: the centre of T1 (first rib, clavicles above) and of L5 (sacrum
+#: and iliac crests below): vertebra indices in the chain.
+ANCHOR_VERTEBRAE = (0, N_VERTEBRAE - 1)
+
+
+def anchor_targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA) -> np.ndarray:
+    """(H/s, W/s, 2): a Gaussian at the centre of T1 (channel 0) and of L5 (channel 1), peak
+    exactly 1 at the nearest cell (the focal loss's positive), as the centre heatmap."""
+    rows, cols = shape[0] // stride, shape[1] // stride
+    corners = np.asarray(points, float).reshape(N_VERTEBRAE, len(CORNER_NAMES), 2)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    out = np.zeros((rows, cols, len(ANCHOR_VERTEBRAE)), np.float32)
+    for channel, index in enumerate(ANCHOR_VERTEBRAE):
+        cx, cy = (corners[index].mean(axis=0) + 0.5) / stride - 0.5
+        out[..., channel] = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))
+        ix, iy = int(round(cx)), int(round(cy))
+        if 0 <= ix < cols and 0 <= iy < rows:
+            out[iy, ix, channel] = 1.0
+    return out
 
 
 def targets(points, shape=INPUT_SHAPE, stride=STRIDE, sigma=HEATMAP_SIGMA, with_level=False):

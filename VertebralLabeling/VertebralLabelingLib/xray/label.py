@@ -91,6 +91,14 @@ LEVEL_WEIGHT = 1.0
 #: there with the fewest flags: 9 of 9 caught, 66 % of images flagged.
 LEVEL_RESIDUAL_RANGE = (0.0, 0.35)
 END_PEAK_REVIEW = 0.3
+#: Default weight of the anchor heads in the chain decoding: the chain's T1 gains
+#: ``anchor_weight`` times its T1-anchor reading, its L5 the same with the L5 anchor (a model's
+#: metadata ``anchor_weight`` overrides it).
+ANCHOR_WEIGHT = 1.0
+#: With anchor heads, a chain is also not confirmed when its T1 or L5 reads below this on its
+#: anchor heatmap, or when another candidate reads higher than the chain's own end (metadata
+#: ``anchor_review`` overrides it).
+ANCHOR_REVIEW = 0.3
 
 
 @dataclass
@@ -101,6 +109,11 @@ class Decoded:
     corners: np.ndarray
     peaks: np.ndarray
     levels: np.ndarray | None = None
+    #: With anchor heads: the chain's T1 reading on the T1 anchor and its L5 on the L5 anchor (2,),
+    #: and the highest reading of any other candidate on each (2,).
+    anchor_ends: np.ndarray | None = None
+    anchor_rivals: np.ndarray | None = None
+    anchor_review: float = ANCHOR_REVIEW
 
     def level_residuals(self) -> np.ndarray | None:
         return None if self.levels is None else self.levels - np.arange(len(self.levels))
@@ -108,13 +121,27 @@ class Decoded:
     def could_shift(self) -> bool:
         """True when the chain's levels are not confirmed: a weak end vertebra, or (with a level
         head) readings that disagree with the chain (see LEVEL_RESIDUAL_RANGE)."""
-        if min(self.peaks[0], self.peaks[-1]) < END_PEAK_REVIEW:
+        if min(self.peaks[0], self.peaks[-1]) < END_PEAK_REVIEW or self.anchors_disagree():
             return True
         r = self.level_residuals()
         if r is None:
             return False
         low, high = LEVEL_RESIDUAL_RANGE
         return bool(not low <= np.median(r) <= high)
+
+
+    def anchors_disagree(self) -> bool:
+        """True when an end of the chain is weak on its anchor heatmap or another candidate is
+        stronger there (False without anchor heads)."""
+        if self.anchor_ends is None:
+            return False
+        return bool(np.any(self.anchor_ends < self.anchor_review) or np.any(self.anchor_rivals >= self.anchor_ends))
+
+
+def _anchor_readings(anchors: np.ndarray, ys, xs) -> np.ndarray:
+    """(k, 2): each candidate's highest T1- and L5-anchor value in its 3 x 3 cells."""
+    grown = ndimage.maximum_filter(anchors, size=(3, 3, 1), mode="nearest")
+    return grown[ys, xs]
 
 
 def _level_at(level: np.ndarray, heat: np.ndarray, y: int, x: int) -> float:
@@ -143,16 +170,27 @@ def _chain_candidates(heat: np.ndarray, offsets: np.ndarray, n: int, nms: int):
 
 
 def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: int = N_VERTEBRAE,
-                  nms: int = 3, chain: float = 0.0, level_weight: float = LEVEL_WEIGHT) -> Decoded:
+                  nms: int = 3, chain: float = 0.0, level_weight: float = LEVEL_WEIGHT,
+                  anchors: np.ndarray | None = None, anchor_weight: float = ANCHOR_WEIGHT) -> Decoded:
     """Like :func:`decode`, but each candidate also carries its level reading and the chain is
     chosen jointly on peak height, regular spacing and agreement with the levels: vertebra m of the
     chain pays ``level_weight * |level - m|``.  So a strong peak on C7 does not become "T1" when
     the level head places it above T1, and a chain can start at the true T1 even if it is weaker.
+    With ``anchors`` (h, w, 2: T1 and L5 heatmaps) the chain is also anchored on them: its first
+    vertebra gains ``anchor_weight`` times its T1 reading, its last the same with L5.
     """
     ys, xs, cand = _chain_candidates(heat, offsets, n, nms)
     levels = np.array([_level_at(level, heat, y, x) for y, x in zip(ys, xs)])
-    chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels, level_weight)
-    return Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])
+    readings = None if anchors is None else _anchor_readings(anchors, ys, xs)
+    chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels, level_weight,
+                    None if readings is None else anchor_weight * readings)
+    decoded = Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])
+    if readings is not None:
+        ends = np.array([readings[chosen[0], 0], readings[chosen[-1], 1]])
+        others = [np.delete(readings[:, 0], chosen[0]), np.delete(readings[:, 1], chosen[-1])]
+        decoded.anchor_ends = ends
+        decoded.anchor_rivals = np.array([o.max() if len(o) else 0.0 for o in others])
+    return decoded
 
 
 def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int = 3,
@@ -180,9 +218,11 @@ def decode(heat: np.ndarray, offsets: np.ndarray, n: int = N_VERTEBRAE, nms: int
     return corners[top_down].reshape(-1, 2), heat[ys, xs][top_down]
 
 
-def _chain(centres, scores, n, weight, levels=None, level_weight=LEVEL_WEIGHT):
+def _chain(centres, scores, n, weight, levels=None, level_weight=LEVEL_WEIGHT, end_bonus=None):
     """Indices of ``n`` candidates (sorted top-down) forming the best-scoring regular chain
-    (with ``levels``, candidate i as vertebra m also pays ``level_weight * |levels[i] - m|``)."""
+    (with ``levels``, candidate i as vertebra m also pays ``level_weight * |levels[i] - m|``;
+    with ``end_bonus`` (k, 2), candidate i gains ``end_bonus[i, 0]`` as the first vertebra and
+    ``end_bonus[i, 1]`` as the last)."""
     k = len(centres)
     strongest = np.sort(np.argsort(-scores, kind="stable")[:n])
     pitch = max(float(np.median(np.linalg.norm(np.diff(centres[strongest], axis=0), axis=1))), 1e-3)
@@ -195,7 +235,10 @@ def _chain(centres, scores, n, weight, levels=None, level_weight=LEVEL_WEIGHT):
     best = np.full((n, k), -np.inf)
     back = np.zeros((n, k), int)
     def unary(m):
-        return scores if levels is None else scores - level_weight * np.abs(levels - m)
+        u = scores if levels is None else scores - level_weight * np.abs(levels - m)
+        if end_bonus is not None and m in (0, n - 1):
+            u = u + end_bonus[:, 0 if m == 0 else 1]
+        return u
 
     best[0] = unary(0)
     for m in range(1, n):
@@ -249,16 +292,18 @@ class XrayLabeler:
         self.nms = int(meta.get("nms", 3))
         self.chain = float(meta.get("chain_decoding", 0.0))
         self.level_weight = float(meta.get("level_weight", LEVEL_WEIGHT))
+        self.anchor_weight = float(meta.get("anchor_weight", ANCHOR_WEIGHT))
+        self.anchor_review = float(meta.get("anchor_review", ANCHOR_REVIEW))
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
         return cls(*load(name_or_path))
 
     def _network(self, batch: np.ndarray):
-        """(heatmap, offsets, level or None) for a batch (n, h, w, 1), in Keras output order
-        (models without the level head give None)."""
-        outputs = self.model.run(np.ascontiguousarray(batch, dtype=np.float32))
-        return outputs[0], outputs[1], (outputs[2] if len(outputs) > 2 else None)
+        """(heatmap, offsets, level or None, anchors or None) for a batch (n, h, w, 1), in Keras
+        output order (models without those heads give None)."""
+        outputs = list(self.model.run(np.ascontiguousarray(batch, dtype=np.float32)))
+        return tuple(outputs + [None] * (4 - len(outputs)))
 
     def predict_input(self, image: np.ndarray):
         """Corners (68, 2) and peaks (17,) in input pixels of one prepared input image.
@@ -276,9 +321,10 @@ class XrayLabeler:
         batch = image[None, ..., None].astype(np.float32)
         if self.flip:
             batch = np.concatenate([batch, batch[:, :, ::-1]])
-        heat, offsets, level = self._network(batch)
+        heat, offsets, level, anchors = self._network(batch)
         h, o = heat[0, ..., 0], offsets[0]
         lv = None if level is None else level[0, ..., 0]
+        an = None if anchors is None else anchors[0]
         if self.flip:
             hf, of = heat[1, :, ::-1, 0], offsets[1, :, ::-1].reshape(o.shape[:2] + (4, 2)).copy()
             of[..., 0] *= -1.0
@@ -286,10 +332,14 @@ class XrayLabeler:
             h, o = (h + hf) / 2, (o + of) / 2
             if lv is not None:
                 lv = (lv + level[1, :, ::-1, 0]) / 2
+            if an is not None:
+                an = (an + anchors[1, :, ::-1]) / 2
         if lv is None:
             decoded = Decoded(*decode(h, o, nms=self.nms, chain=self.chain))
         else:
-            decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain, level_weight=self.level_weight)
+            decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain, level_weight=self.level_weight,
+                                    anchors=an, anchor_weight=self.anchor_weight)
+            decoded.anchor_review = self.anchor_review
         if self.tilt_smoothing > 0:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded

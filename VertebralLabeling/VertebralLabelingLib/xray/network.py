@@ -32,12 +32,16 @@ TASK = "xray-vertebral-corners"
 DEFAULT_MODEL = "xray-compact"
 
 
-#: Output channels of the two model generations: centre heatmap + offsets (+ level).
-OUTPUT_CHANNELS = ([1, 8], [1, 8, 1])
+#: Output channels of the model generations: centre heatmap + offsets (+ level (+ anchors)).
+OUTPUT_CHANNELS = ([1, 8], [1, 8, 1], [1, 8, 1, 2])
+#: Name prefixes of the optional heads' layers, in the order they are built.
+HEAD_PREFIXES = ("level", "anchor")
 
 
-def build(width: float = 1.0, level_head: bool = True):
-    """The landmark network (~1.4 M parameters at width 1)."""
+def build(width: float = 1.0, level_head: bool = True, anchor_head: bool = False):
+    """The landmark network (~1.4 M parameters at width 1).  ``anchor_head`` (needs the level
+    head) adds ``anchors``: heatmaps of the T1 and L5 centres, read from the level branch (which
+    sees the whole view): the first rib and clavicles mark T1, the sacrum and iliac crests L5."""
     keras = model_lib.import_keras()
     layers = keras.layers
 
@@ -85,18 +89,35 @@ def build(width: float = 1.0, level_head: bool = True):
     context = layers.UpSampling2D(8, interpolation="bilinear", name="level_context")(x32)
     lv = conv(layers.Concatenate(name="level_concat")([y, context]), 32, name="level_branch")
     level = layers.Conv2D(1, 1, name="level")(lv)
-    return keras.Model(inputs, [heat, offsets, level], name="xray_compact")
+    model = keras.Model(inputs, [heat, offsets, level], name="xray_compact")
+    return add_anchor_head(model, width) if anchor_head else model
+
+
+def add_anchor_head(model, width: float = 1.0):
+    """``model`` (with the level head) plus the ``anchors`` output, on the level branch's features;
+    the existing layers (and their weights) are shared, so a trained model can grow the head."""
+    keras = model_lib.import_keras()
+    layers = keras.layers
+    features = model.get_layer("level_branch_relu").output
+    x = layers.Conv2D(max(8, int(round(32 * width))), 3, padding="same", use_bias=False,
+                      name="anchor_branch_conv")(features)
+    x = layers.ReLU(name="anchor_branch_relu")(layers.BatchNormalization(name="anchor_branch_bn")(x))
+    anchors = layers.Conv2D(2, 1, activation="sigmoid", name="anchors",
+                            bias_initializer=keras.initializers.Constant(-2.19))(x)
+    return keras.Model(model.inputs, list(model.outputs) + [anchors], name=model.name)
 
 
 def copy_shared_weights(source, target) -> int:
-    """Copy the weights of ``source`` into the same layers of ``target``, which may add the level
-    head (layers named ``level*``), so a model without it can be continued; returns the number of
-    layers copied.  Layers are paired in graph order (the shared part is built by the same code);
-    any shape mismatch is refused rather than silently skipped.
+    """Copy the weights of ``source`` into the same layers of ``target``, which may add heads
+    (layers named ``level*``, ``anchor*``), so a model without them can be continued; returns the
+    number of layers copied.  Layers are paired in graph order (the shared part is built by the
+    same code); any shape mismatch is refused rather than silently skipped.
     """
-    shared = target.layers
-    if len(source.layers) != len(target.layers):  # the source has no level head yet
-        shared = [layer for layer in target.layers if not layer.name.startswith("level")]
+    missing = tuple(prefix for prefix in HEAD_PREFIXES
+                    if not any(layer.name.startswith(prefix) for layer in source.layers))
+    if "anchor" in missing and any(layer.name.startswith("anchor") for layer in target.layers):
+        raise ModelError("grow the anchor head with add_anchor_head after copying (layer order differs)")
+    shared = [layer for layer in target.layers if not (missing and layer.name.startswith(missing))]
     if len(shared) != len(source.layers):
         raise ModelError(f"cannot continue from {source.name}: {len(source.layers)} layers, "
                          f"expected {len(shared)}")
@@ -136,7 +157,7 @@ def load(name_or_path=DEFAULT_MODEL):
 
     network, meta = model_lib.load_with_metadata(path, is_xray_model)
     if network.output_channels not in OUTPUT_CHANNELS:
-        raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets [+ level]).")
+        raise ModelError(f"{path.name} does not have the X-ray heads (heatmap + 8 offsets [+ level [+ 2 anchors]]).")
     return network, meta
 
 

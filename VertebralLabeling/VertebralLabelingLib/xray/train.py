@@ -63,32 +63,41 @@ def offset_loss(tf, target, pred, mask):
     return tf.reduce_sum(l1) / tf.maximum(tf.reduce_sum(mask), 1.0)
 
 
-def batches(images, points, batch_size: int, seed: int):
+#: Weight of the anchor heads' focal loss (T1 and L5 centres), beside the centre heatmap's 1.
+ANCHOR_LOSS_WEIGHT = 1.0
+
+
+def batches(images, points, batch_size: int, seed: int, anchors: bool = False, flip_probability: float = 0.0,
+            strength: float = 1.0):
     """Endless augmented batches: (x, heatmap, offsets + regression mask (9 channels),
-    level + regression mask (2 channels))."""
+    level + regression mask (2 channels) [, T1 and L5 anchor heatmaps (2 channels)])."""
     rng = np.random.default_rng(seed)
     while True:
         idx = rng.choice(len(images), batch_size, replace=False)
-        xs, hs, os_, ls = [], [], [], []
+        xs, hs, os_, ls, an = [], [], [], [], []
         for i in idx:
-            image, pts = xray_data.training_sample(images[i], points[i], rng)
+            image, pts = xray_data.training_sample(images[i], points[i], rng, strength=strength,
+                                                   flip_probability=flip_probability)
             heat, off, mask, level = xray_data.targets(pts, with_level=True)
             xs.append(image[..., None])
             hs.append(heat)
             os_.append(np.concatenate([off, mask], axis=-1))
             ls.append(np.concatenate([level, mask], axis=-1))
-        yield tuple(np.stack(a).astype(np.float32) for a in (xs, hs, os_, ls))
+            if anchors:
+                an.append(xray_data.anchor_targets(pts))
+        yield tuple(np.stack(a).astype(np.float32) for a in (xs, hs, os_, ls, an) if len(a))
 
 
-def make_dataset(tf, images, points, batch_size: int, seed: int):
-    """The batches as a prefetched ``tf.data.Dataset`` of (x, (heatmap, offsets+mask, level+mask))."""
+def make_dataset(tf, images, points, batch_size: int, seed: int, **augmentation):
+    """The batches as a prefetched ``tf.data.Dataset`` of (x, (heatmap, offsets+mask, level+mask
+    [, anchors])); ``augmentation``: ``anchors``, ``flip_probability``, ``strength`` of :func:`batches`."""
     rows, cols = xray_data.INPUT_SHAPE
     out = (rows // xray_data.STRIDE, cols // xray_data.STRIDE)
+    channels = (1, 9, 2, 2)[: 4 if augmentation.get("anchors") else 3]
     signature = (tf.TensorSpec((batch_size, rows, cols, 1), tf.float32),
-                 (tf.TensorSpec((batch_size, *out, 1), tf.float32), tf.TensorSpec((batch_size, *out, 9), tf.float32),
-                  tf.TensorSpec((batch_size, *out, 2), tf.float32)))
+                 tuple(tf.TensorSpec((batch_size, *out, c), tf.float32) for c in channels))
     dataset = tf.data.Dataset.from_generator(
-        lambda: ((x, (heat, off, level)) for x, heat, off, level in batches(images, points, batch_size, seed)),
+        lambda: ((batch[0], batch[1:]) for batch in batches(images, points, batch_size, seed, **augmentation)),
         output_signature=signature)
     return dataset.prefetch(PREFETCH)
 
@@ -103,13 +112,15 @@ def cosine_schedule(keras, learning_rate: float, steps: int):
 
 
 def compile_model(tf, keras, model, learning_rate: float, steps: int):
-    """Adam with the warm-up cosine and gradient clipping; focal + masked L1 losses."""
+    """Adam with the warm-up cosine and gradient clipping; focal + masked L1 losses (+ focal on
+    the anchor heatmaps when the model has them)."""
     schedule, length = cosine_schedule(keras, learning_rate, steps)
+    losses = [lambda target, pred: focal_loss(tf, target, pred),
+              lambda target, pred: offset_loss(tf, target[..., :8], pred, target[..., 8:]),
+              lambda target, pred: LEVEL_LOSS_WEIGHT * offset_loss(tf, target[..., :1], pred, target[..., 1:]),
+              lambda target, pred: ANCHOR_LOSS_WEIGHT * focal_loss(tf, target, pred)]
     model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM),
-                  loss=[lambda target, pred: focal_loss(tf, target, pred),
-                        lambda target, pred: offset_loss(tf, target[..., :8], pred, target[..., 8:]),
-                        lambda target, pred: LEVEL_LOSS_WEIGHT * offset_loss(tf, target[..., :1], pred,
-                                                                             target[..., 1:])])
+                  loss=losses[: len(model.outputs)])
     return length
 
 
@@ -131,7 +142,8 @@ class _Budget:
         if self.steps % LOG_EVERY == 0:
             lr = float(self.model.optimizer.learning_rate)
             self.log(f"step {self.steps} ({elapsed / 60:.1f} min) lr {lr:.2e} heat {logs['heatmap_loss']:.3f} "
-                     f"offsets {logs['offsets_loss']:.4f} level {logs.get('level_loss', 0.0):.4f}")
+                     f"offsets {logs['offsets_loss']:.4f} level {logs.get('level_loss', 0.0):.4f} "
+                     f"anchors {logs.get('anchors_loss', 0.0):.3f}")
         if elapsed >= self.run["budget"]:
             self.model.stop_training = True
         elif self.steps % 10 == 0:  # the steps that fit in the time left, at the speed so far
@@ -191,7 +203,11 @@ def validate(model, images, points, sizes, max_images=None):
 def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0,
           batch_size: int = 8, steps: int = 100000, time_budget_s: float = 2400.0,
           learning_rate: float = 2e-3, cache_dir="runs/xray_cache", checkpoint_minutes: float = 5.0,
-          width: float = 1.0, log=print, command: str = "", init=None) -> Path:
+          width: float = 1.0, log=print, command: str = "", init=None, anchor_head: bool = False,
+          flip_probability: float = 0.0, augment_strength: float = 1.0) -> Path:
+    """Train (or continue ``init``) for the step or time budget; returns the saved ``.keras`` path.
+    ``anchor_head`` adds the T1/L5 anchor heatmaps (kept when ``init`` has them); ``flip_probability``
+    and ``augment_strength`` widen the augmentation (mirrors; larger scale, rotation and shift)."""
     import tensorflow as tf  # deferred: TensorFlow takes seconds to import and only training needs it
 
     keras = import_keras()
@@ -200,21 +216,27 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     keras.utils.set_random_seed(seed)
     data = _load_data(data_dir, cache_dir, log)
     log(f"cache ready in {time.time() - start:.0f} s")
-    model, previous = xray_model.build(width), None
+    start_model, previous = xray_model.load_keras(init) if init else (None, None)
+    anchor_head = anchor_head or (start_model is not None and len(start_model.outputs) > 3)
+    grow = anchor_head and start_model is not None and len(start_model.outputs) <= 3
+    model = xray_model.build(width, anchor_head=anchor_head and not grow)
     if init:  # continue from a saved model (a second cosine cycle)
-        start_model, previous = xray_model.load_keras(init)
         xray_model.copy_shared_weights(start_model, model)
-        fresh = "" if len(start_model.outputs) == len(model.outputs) else "; the level head starts fresh"
+        if grow:
+            model = xray_model.add_anchor_head(model, width)
+        fresh = "" if len(start_model.outputs) == len(model.outputs) else "; the new heads start fresh"
         log(f"initialised from {init} ({previous.get('steps')} steps){fresh}")
     n_params = count_parameters(model)
     log(f"model {xray_model.ARCHITECTURE}: {n_params} parameters")
     meta = _metadata(data, data_dir, n_params, width, seed, batch_size, learning_rate, command, init, previous)
+    augmentation = {"anchors": anchor_head, "flip_probability": flip_probability, "strength": augment_strength}
+    meta["augmentation"] = {"flip_probability": flip_probability, "strength": augment_strength}
     length = compile_model(tf, keras, model, learning_rate, steps)
     run = {"budget": time_budget_s - (time.time() - start), "steps": steps, "meta": meta,
            "checkpoint_minutes": checkpoint_minutes, "out_dir": out_dir, "name": name,
            "validation": (data["v_images"], data["v_points"], data["v_sizes"])}
     budget = _budget_callback(keras, run, length, log)
-    model.fit(make_dataset(tf, data["images"], data["points"], batch_size, seed), epochs=1,
+    model.fit(make_dataset(tf, data["images"], data["points"], batch_size, seed, **augmentation), epochs=1,
               steps_per_epoch=steps, callbacks=[budget], verbose=0)
     out_path = budget.checkpoint()
     (Path(out_dir) / f"{name}.history.json").write_text(json.dumps(budget.history, indent=2) + "\n")
