@@ -217,7 +217,7 @@ class CobbAngleLogic(SpineModuleLogic):
         self.stopLive()
         return xray_adapter.update_landmarks_node(volumeNode.GetScene(), result.points, result.confidence,
                                                   volumeNode, markupsNode, overwrite_edits=overwriteEdits,
-                                                  slice_z=radiograph.slice_z)
+                                                  slice_z=radiograph.slice_z, level_review=result.level_review)
 
     def manualNode(self, volumeNode, template=True):
         from VertebralLabelingSlicerLib import xray_adapter

@@ -99,6 +99,16 @@ def test_68_labeled_points_in_physical_space(scene, volume_node, radiograph):
     assert node.AddControlPoint(0.0, 0.0, 0.0, "extra") == -1  # fixed count
 
 
+def test_vertebrae_whose_level_is_not_confirmed_are_marked_for_review(scene, volume_node, radiograph):
+    pts = tilted_points(radiograph)
+    review = np.zeros(17, bool)
+    review[16] = True  # L5 to check
+    node = xray_adapter.update_landmarks_node(scene, pts, np.ones(17), volume_node, level_review=review)
+    for i in range(64, 68):
+        assert "level not confirmed" in node.GetNthControlPointDescription(i) and not node.GetNthControlPointSelected(i)
+    assert node.GetNthControlPointDescription(63) == "confidence=1.00" and node.GetNthControlPointSelected(63)
+
+
 def test_mrk_json_round_trip_through_slicer_storage(scene, volume_node, radiograph, tmp_path):
     """Adapter -> Slicer writer -> core reader, and core writer -> Slicer reader, 68 points with
     pixel spacing and origin; the core file also validates against the markups schema."""

@@ -445,3 +445,27 @@ def test_mirrored_samples_keep_aasce_corner_order():
     assert np.all(corners[:, 0, 0] < corners[:, 1, 0]) and np.all(corners[:, 2, 0] < corners[:, 3, 0])  # TL left of TR
     np.testing.assert_allclose(corners.mean(axis=1)[:, 0], 319 - pts.reshape(17, 4, 2).mean(axis=1)[:, 0])
     np.testing.assert_allclose(xray_data.mirror(*xray_data.mirror(image, pts))[1], pts)  # twice = identity
+
+
+def test_uncertain_ends_name_the_end_to_check():
+    from VertebralLabelingLib.xray.label import decode_levels
+
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=0.0)
+    anchors = xray_data.anchor_targets(pts)
+    assert decode_levels(heat, offsets, level, anchors=anchors).uncertain_ends() == ()
+    above = xray_data.anchor_targets((pts.reshape(17, 4, 2) - [0, 32.0]).reshape(-1, 2))
+    anchors[..., 0] = above[..., 0]  # only the T1 anchor disagrees (it sits on C7)
+    assert decode_levels(heat, offsets, level, anchors=anchors, anchor_weight=0.0).uncertain_ends() == (0,)
+    from VertebralLabelingLib.xray.data import LEVEL_CENTRE
+    shifted = np.where(level != 0, level + 1.0 / LEVEL_CENTRE, level)  # readings disagree, no anchors
+    assert decode_levels(heat, offsets, shifted).uncertain_ends() == (0, 16)
+
+
+def test_markups_mark_the_vertebrae_whose_level_is_to_be_checked(tmp_path):
+    review = np.zeros(17, bool)
+    review[0] = True
+    doc = xray_export.markups_dict(spine_points(), np.ones(17), level_review=review)
+    points = doc["markups"][0]["controlPoints"]
+    assert all(xray_export.LEVEL_REVIEW in p["description"] and not p["selected"] for p in points[:4])
+    assert all("REVIEW" not in p["description"] and p["selected"] for p in points[4:])

@@ -124,6 +124,11 @@ def test_cli_label_writes_all_outputs(validation, tmp_path, capsys):
     angles = json.loads((out / "a.json").read_text())
     assert len(angles["angles_deg"]) == 3 and len(angles["curves"]) == 3
     assert all(c["upper_end_vertebra"] in xray_data.VERTEBRA_NAMES for c in angles["curves"])
+    # the levels to check are named, and their corners flagged in the markups, exactly when uncertain
+    assert set(angles["uncertain_levels"]) <= {"T1", "L5"}
+    assert bool(angles["uncertain_levels"]) == angles["level_uncertain"]
+    flagged = {p["label"].split("-")[0] for p in points if "level not confirmed" in p["description"]}
+    assert flagged == set(angles["uncertain_levels"])
     assert len((out / "p.csv").read_text().splitlines()) == 69
     assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(argv) == 2  # never overwritten without --overwrite

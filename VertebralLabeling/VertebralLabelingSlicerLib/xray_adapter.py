@@ -24,6 +24,7 @@ import vtk
 from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.xray.cobb import N_POINTS, VERTEBRA_NAMES
 from VertebralLabelingLib.xray.data import POINT_LABELS, Radiograph, radiograph_from_sitk
+from VertebralLabelingLib.xray.export import LEVEL_REVIEW
 from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
 LINES_ATTRIBUTE = "CobbAngle.lines"
@@ -112,8 +113,10 @@ def _ras(x, y, z):
 
 
 def update_landmarks_node(scene, points, confidence=None, volume_node=None, node=None,
-                          overwrite_edits=False, slice_z: float | None = None):
-    """Write 68 corners (physical LPS x, y) into a point list (new, or ``node`` in place)."""
+                          overwrite_edits=False, slice_z: float | None = None, level_review=None):
+    """Write 68 corners (physical LPS x, y) into a point list (new, or ``node`` in place);
+    ``level_review`` (17,) marks vertebrae whose level is to be checked (unselected, with the
+    reason in their description, like a low-confidence vertebra)."""
     points = np.asarray(points, float)
     if points.shape != (N_POINTS, 2):
         raise InputError(f"expected {N_POINTS} points, got {points.shape}")
@@ -133,8 +136,12 @@ def update_landmarks_node(scene, points, confidence=None, volume_node=None, node
         for index, (x, y) in enumerate(points):
             node.SetNthControlPointPositionWorld(index, *_ras(x, y, slice_z))
             conf = None if confidence is None else float(confidence[index // 4])
-            node.SetNthControlPointDescription(index, "" if conf is None else f"confidence={conf:.2f}")
-            node.SetNthControlPointSelected(index, conf is None or conf >= 0.3)
+            description = "" if conf is None else f"confidence={conf:.2f}"
+            check_level = level_review is not None and bool(level_review[index // 4])
+            if check_level:
+                description = (f"{description}; " if description else "") + LEVEL_REVIEW
+            node.SetNthControlPointDescription(index, description)
+            node.SetNthControlPointSelected(index, (conf is None or conf >= 0.3) and not check_level)
             node.SetNthControlPointAssociatedNodeID(index, volume_id)
         node.SetAttribute(PREDICTED_ATTRIBUTE, json.dumps(_positions(node)))
     finally:

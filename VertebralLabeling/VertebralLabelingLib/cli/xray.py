@@ -105,15 +105,15 @@ def cmd_label(args) -> int:
         points = xray_export.read_markups_json(args.markups)
         result = XrayResult(radiograph.physical_to_pixel(points), points, np.ones(N_VERTEBRAE),
                             cobb_from_physical(points, radiograph), radiograph)
-        confidence = None
+        confidence = level_review = None
     else:
         labeler = XrayLabeler.load(args.model)
         result = labeler.label(radiograph)
-        confidence = result.confidence
+        confidence, level_review = result.confidence, result.level_review
     jobs = []
     if args.output:
         jobs.append((args.output, lambda p: xray_export.write_markups_json(
-            result.points, p, confidence, radiograph.slice_z)))
+            result.points, p, confidence, radiograph.slice_z, level_review)))
     if args.csv:
         jobs.append((args.csv, lambda p: xray_export.write_csv(
             result.points, p, result.points_px, confidence, radiograph.slice_z)))
@@ -122,7 +122,8 @@ def cmd_label(args) -> int:
             "image": str(args.input), "pixel_spacing": list(radiograph.spacing),
             "source": "markups" if args.markups else str(args.model),
             # the chain could sit a whole level off (T1 on C7): end vertebrae need a check
-            "level_uncertain": bool(result.level_uncertain), "warnings": list(result.warnings)})))
+            "level_uncertain": bool(result.level_uncertain), "uncertain_levels": result.uncertain_levels,
+            "warnings": list(result.warnings)})))
     if args.qc:
         jobs.append((args.qc, lambda p: xray_export.write_qc_png(
             radiograph.array, result.points_px, result.cobb, p, confidence)))

@@ -50,8 +50,14 @@ def angles_dict(cobb: CobbResult) -> dict:
                       "columns 2 and 3 the curves above/below it"}
 
 
+#: The review reason of a vertebra whose level the chain could not confirm (T1 or L5 to check).
+LEVEL_REVIEW = "REVIEW: level not confirmed (the chain could be a level off)"
+
+
 def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = False,
-                 threshold: float = REVIEW_BELOW) -> dict:
+                 threshold: float = REVIEW_BELOW, level_review=None) -> dict:
+    """The 68 corners as a Slicer point list; ``level_review`` (17,) marks the vertebrae whose
+    level is to be checked (their four corners are flagged with :data:`LEVEL_REVIEW`)."""
     points = np.asarray(points, float)
     if points.shape != (N_POINTS, 2):
         raise InputError(f"expected {N_POINTS} points, got {points.shape}")
@@ -62,12 +68,14 @@ def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = F
         flagged = conf is not None and conf < threshold
         if flagged:
             description += "; REVIEW: low confidence"
+        if level_review is not None and level_review[index // 4]:
+            description, flagged = (f"{description}; " if description else "") + LEVEL_REVIEW, True
         control.append(control_point(label, [x, y, slice_z], description, flagged))
     return markups_document(control, locked)
 
 
-def write_markups_json(points, path, confidence=None, slice_z: float = 0.0) -> None:
-    write_json(path, markups_dict(points, confidence, slice_z))
+def write_markups_json(points, path, confidence=None, slice_z: float = 0.0, level_review=None) -> None:
+    write_json(path, markups_dict(points, confidence, slice_z, level_review=level_review))
 
 
 def read_markups_json(path) -> np.ndarray:

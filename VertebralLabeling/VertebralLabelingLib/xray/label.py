@@ -42,8 +42,15 @@ class XrayResult:
     radiograph: Radiograph
     seconds: float = 0.0
     warnings: list = field(default_factory=list)
-    #: True when the chain could sit a whole level off (see :func:`chain_could_shift`).
+    #: True when the chain could sit a whole level off (see :meth:`Decoded.could_shift`).
     level_uncertain: bool = False
+    #: (17,) True for the vertebrae to check to confirm the levels (the chain's uncertain ends).
+    level_review: np.ndarray = field(default_factory=lambda: np.zeros(N_VERTEBRAE, bool))
+
+    @property
+    def uncertain_levels(self) -> list:
+        """Names of the vertebrae whose level needs a check (e.g. ['T1'])."""
+        return [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(self.level_review)[0]]
 
     @property
     def labels(self):
@@ -97,7 +104,7 @@ END_PEAK_REVIEW = 0.3
 ANCHOR_WEIGHT = 1.0
 #: With anchor heads, a chain is also not confirmed when its T1 or L5 reads below this on its
 #: anchor heatmap, or when another candidate reads higher than the chain's own end (metadata
-#: ``anchor_review`` overrides it).
+#: ``anchor_review`` and ``anchor_rivals`` (true/false) override them).
 ANCHOR_REVIEW = 0.3
 
 
@@ -114,6 +121,7 @@ class Decoded:
     anchor_ends: np.ndarray | None = None
     anchor_rivals: np.ndarray | None = None
     anchor_review: float = ANCHOR_REVIEW
+    check_anchor_rivals: bool = True
 
     def level_residuals(self) -> np.ndarray | None:
         return None if self.levels is None else self.levels - np.arange(len(self.levels))
@@ -130,12 +138,25 @@ class Decoded:
         return bool(not low <= np.median(r) <= high)
 
 
+    def uncertain_ends(self) -> tuple:
+        """Chain indices (0 = T1, n-1 = L5) of the ends to check when the chain could shift: an end
+        that is weak, or weak or outranked on its anchor; both ends when only the level readings
+        disagree (they do not say which end is wrong)."""
+        if not self.could_shift():
+            return ()
+        last = len(self.peaks) - 1
+        weak = [end for end, i in ((0, 0), (last, 1)) if self.peaks[end] < END_PEAK_REVIEW
+                or (self.anchor_ends is not None and (self.anchor_ends[i] < self.anchor_review or (
+                    self.check_anchor_rivals and self.anchor_rivals[i] >= self.anchor_ends[i])))]
+        return tuple(weak) or (0, last)
+
     def anchors_disagree(self) -> bool:
         """True when an end of the chain is weak on its anchor heatmap or another candidate is
         stronger there (False without anchor heads)."""
         if self.anchor_ends is None:
             return False
-        return bool(np.any(self.anchor_ends < self.anchor_review) or np.any(self.anchor_rivals >= self.anchor_ends))
+        rival = self.check_anchor_rivals and np.any(self.anchor_rivals >= self.anchor_ends)
+        return bool(np.any(self.anchor_ends < self.anchor_review) or rival)
 
 
 def _anchor_readings(anchors: np.ndarray, ys, xs) -> np.ndarray:
@@ -294,6 +315,7 @@ class XrayLabeler:
         self.level_weight = float(meta.get("level_weight", LEVEL_WEIGHT))
         self.anchor_weight = float(meta.get("anchor_weight", ANCHOR_WEIGHT))
         self.anchor_review = float(meta.get("anchor_review", ANCHOR_REVIEW))
+        self.anchor_rivals = bool(meta.get("anchor_rivals", True))
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
@@ -339,7 +361,7 @@ class XrayLabeler:
         else:
             decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain, level_weight=self.level_weight,
                                     anchors=an, anchor_weight=self.anchor_weight)
-            decoded.anchor_review = self.anchor_review
+            decoded.anchor_review, decoded.check_anchor_rivals = self.anchor_review, self.anchor_rivals
         if self.tilt_smoothing > 0:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded
@@ -358,8 +380,9 @@ class XrayLabeler:
             progress(0.9, "Computing Cobb angles")
         result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph,
                             level_uncertain=decoded.could_shift())
+        result.level_review[list(decoded.uncertain_ends())] = True
         if result.level_uncertain:
-            result.warnings.append(LEVEL_WARNING)
+            result.warnings.append(f"{LEVEL_WARNING} (check {' and '.join(result.uncertain_levels)})")
         low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]
         if len(low) > 3:
             result.warnings.append(f"{len(low)} vertebrae found with low confidence ({', '.join(low)}); "
