@@ -126,7 +126,8 @@ def main():
             print(f"flip {key[0]!s:5} level {key[1]:4} anchor {key[2]:3}: train SMAPE {v[:, 0].mean():5.2f} %, corner "
                   f"{v[:, 1].mean():5.1f} px, shifted {v[:, 2].mean():5.1%} | val SMAPE {w[:, 0].mean():5.2f} %, "
                   f"corner {w[:, 1].mean():5.1f} px, shifted {w[:, 2].mean():5.1%}")
-        print(f"lowest training shift rate (then SMAPE): flip {best[0]}, level weight {best[1]}, anchor weight {best[2]}")
+        print(f"lowest training shift rate (then SMAPE): flip {best[0]}, level weight {best[1]}, "
+              f"anchor weight {best[2]}")
     _setting(labeler, *shipped)
     on_train, on_val = measure(labeler, aset, train_idx), measure(labeler, aset, val_idx)
     low, high = xray_label.LEVEL_RESIDUAL_RANGE
@@ -134,7 +135,8 @@ def main():
     if args.grid:
         chosen = choose_rule(on_train)
         print(f"chosen on training images: residual in [{chosen[0]}, {chosen[1]}], end peak >= {chosen[2]}, "
-              f"anchor ends >= {chosen[3]}, rival check {chosen[4]}: train {coverage(on_train, *chosen)}; val {coverage(on_val, *chosen)}")
+              f"anchor ends >= {chosen[3]}, rival check {chosen[4]}:\n  train {coverage(on_train, *chosen)}\n"
+              f"  val {coverage(on_val, *chosen)}")
     print(f"shipped rule, {len(on_train)} training images: {coverage(on_train, *rule)}")
     print(f"shipped rule, {len(on_val)} validation images: {coverage(on_val, *rule)}")
 
