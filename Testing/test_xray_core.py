@@ -18,7 +18,8 @@ from VertebralLabelingLib.xray import aasce as aasce_lib
 from VertebralLabelingLib.xray import data as xray_data
 from VertebralLabelingLib.xray import export as xray_export
 from VertebralLabelingLib.xray.cobb import cobb_angles
-from VertebralLabelingLib.xray.label import cobb_from_points, decode
+from VertebralLabelingLib.xray.decode import decode
+from VertebralLabelingLib.xray.label import cobb_from_points
 
 SCHEMA = Path(__file__).parent / "data" / "markups-schema-v1.0.3.json"
 
@@ -303,7 +304,7 @@ def test_flip_averaging_maps_the_mirrored_output_back():
 
 
 def test_tilt_smoothing():
-    from VertebralLabelingLib.xray.label import smooth_tilts, vertebra_tilts
+    from VertebralLabelingLib.xray.decode import smooth_tilts, vertebra_tilts
 
     straight = spine_points()
     np.testing.assert_allclose(smooth_tilts(straight, 0.5), straight, atol=1e-9)
@@ -367,7 +368,7 @@ def _chain_maps(points, extra_centre, level_of_extra, extra_height):
 
 
 def test_level_head_keeps_a_strong_c7_peak_out_of_the_chain():
-    from VertebralLabelingLib.xray.label import decode, decode_levels
+    from VertebralLabelingLib.xray.decode import decode, decode_levels
 
     pts = spine_points(centre_x=150, top=80, pitch=32)
     heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=1.0)
@@ -385,7 +386,7 @@ def test_level_head_keeps_a_strong_c7_peak_out_of_the_chain():
 
 def test_a_chain_the_level_head_disagrees_with_is_flagged():
     from VertebralLabelingLib.xray.data import LEVEL_CENTRE
-    from VertebralLabelingLib.xray.label import decode_levels
+    from VertebralLabelingLib.xray.decode import decode_levels
 
     pts = spine_points(centre_x=150, top=80, pitch=32)
     heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=0.0)
@@ -397,7 +398,7 @@ def test_a_chain_the_level_head_disagrees_with_is_flagged():
 def test_anchor_heads_move_the_chain_onto_t1_when_the_level_head_cannot_tell():
     """Level readings that fit T1..L5 and C7..L4 equally (all zero weight) and a C7-like peak
     stronger than L5: the plain chain takes C7; the T1 and L5 anchors put it back on T1..L5."""
-    from VertebralLabelingLib.xray.label import decode_levels
+    from VertebralLabelingLib.xray.decode import decode_levels
 
     pts = spine_points(centre_x=150, top=80, pitch=32)
     heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=1.0)
@@ -415,7 +416,7 @@ def test_anchor_heads_move_the_chain_onto_t1_when_the_level_head_cannot_tell():
 
 
 def test_a_chain_whose_end_is_not_on_its_anchor_is_flagged():
-    from VertebralLabelingLib.xray.label import decode_levels
+    from VertebralLabelingLib.xray.decode import decode_levels
 
     pts = spine_points(centre_x=150, top=80, pitch=32)
     heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=0.0)
@@ -448,7 +449,7 @@ def test_mirrored_samples_keep_aasce_corner_order():
 
 
 def test_uncertain_ends_name_the_end_to_check():
-    from VertebralLabelingLib.xray.label import decode_levels
+    from VertebralLabelingLib.xray.decode import decode_levels
 
     pts = spine_points(centre_x=150, top=80, pitch=32)
     heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=0.0)

@@ -26,6 +26,7 @@ from xray_postprocessing import choosing_images  # noqa: E402  (this folder: the
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray import decode as xray_decode  # noqa: E402
 from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import level_shift, smape  # noqa: E402
 
@@ -130,8 +131,8 @@ def main():
               f"anchor weight {best[2]}")
     _setting(labeler, *shipped)
     on_train, on_val = measure(labeler, aset, train_idx), measure(labeler, aset, val_idx)
-    low, high = xray_label.LEVEL_RESIDUAL_RANGE
-    rule = (low, high, xray_label.END_PEAK_REVIEW, labeler.anchor_review, labeler.anchor_rivals)
+    low, high = xray_decode.LEVEL_RESIDUAL_RANGE
+    rule = (low, high, xray_decode.END_PEAK_REVIEW, labeler.anchor_review, labeler.anchor_rivals)
     if args.grid:
         chosen = choose_rule(on_train)
         print(f"chosen on training images: residual in [{chosen[0]}, {chosen[1]}], end peak >= {chosen[2]}, "

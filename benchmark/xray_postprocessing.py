@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray.decode import smooth_tilts  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import level_shift, smape  # noqa: E402
-from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points, smooth_tilts  # noqa: E402
+from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points  # noqa: E402
 
 SMOOTHING = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHAIN = (0.0, 1.0)

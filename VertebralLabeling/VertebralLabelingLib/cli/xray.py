@@ -57,17 +57,29 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = xsub.add_parser("train", help="train the landmark network on an AASCE folder")
+    _register_training(xsub)
+
+
+def _training_parser(xsub, command, help_text, name, batch_size, budget_min, handler):
+    """A training command's parser with the arguments both trainers take."""
+    p = xsub.add_parser(command, help=help_text)
     p.add_argument("--data", default=str(data_root() / "xray-aasce"),
                    help="AASCE folder holding images/ and labels/")
     p.add_argument("--out", required=True, help="folder for NAME.keras + NAME.json")
-    p.add_argument("--name", default="xray-compact")
+    p.add_argument("--name", default=name)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--steps", type=int, default=100000)
-    p.add_argument("--time-budget-min", type=float, default=40.0)
+    p.add_argument("--time-budget-min", type=float, default=budget_min)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--cache-dir", default="runs/xray_cache", help="where preprocessed arrays are cached")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _register_training(xsub) -> None:
+    p = _training_parser(xsub, "train", "train the landmark network on an AASCE folder", "xray-compact", 8,
+                         40.0, cmd_train)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--init", help="start from this model (.keras) instead of random weights")
     p.add_argument("--anchor-head", action="store_true",
@@ -76,7 +88,8 @@ def register(sub) -> None:
                    help="chance that a training sample is mirrored left-right (default 0)")
     p.add_argument("--augment-strength", type=float, default=1.0,
                    help="scale of the random scale, rotation and shift (default 1)")
-    p.set_defaults(handler=cmd_train)
+    _training_parser(xsub, "train-refiner", "train the second stage that refines each vertebra on a crop",
+                     "xray-refine", 64, 30.0, cmd_train_refiner)
 
 
 def _refuse_existing(paths, overwrite):
@@ -135,6 +148,17 @@ def cmd_label(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if not args.markups:
         print(f"labeled in {result.seconds:.2f} s")
+    return 0
+
+
+def cmd_train_refiner(args) -> int:
+    from ..xray.refine_train import train
+
+    command = "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
+    path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
+                 steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
+                 cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=command)
+    print(f"saved {path}")
     return 0
 
 

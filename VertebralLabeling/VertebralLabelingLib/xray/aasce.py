@@ -117,24 +117,24 @@ def read_names_file(path) -> list:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def cache_dataset(aset: AasceSet, indices, cache_dir, log=print):
+def cache_dataset(aset: AasceSet, indices, cache_dir, log=print, shape=CACHE_SHAPE):
     """Decode, normalise and downsample each image once; return (images uint8, points, sizes).
 
-    images: (n, CACHE_SHAPE) uint8; points: (n, 68, 2) in cache-pixel (x, y); sizes (n, 2) = (W, H)
+    images: (n, shape) uint8 (default CACHE_SHAPE); points: (n, 68, 2) in cache-pixel (x, y); sizes (n, 2) = (W, H)
     of the originals.  Stored in ``cache_dir`` as .npy keyed by the file list.
     """
     cache_dir = Path(cache_dir)
-    key = hashlib.sha256(("\n".join(aset.names[i] for i in indices) + f"{CACHE_SHAPE}").encode()).hexdigest()[:12]
+    key = hashlib.sha256(("\n".join(aset.names[i] for i in indices) + f"{tuple(shape)}").encode()).hexdigest()[:12]
     files = [cache_dir / f"xray_{key}_{part}.npy" for part in ("images", "points", "sizes")]
     if all(f.exists() for f in files):
         return tuple(np.load(f) for f in files)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    images = np.zeros((len(indices),) + CACHE_SHAPE, np.uint8)
+    images = np.zeros((len(indices),) + tuple(shape), np.uint8)
     points = np.zeros((len(indices), N_POINTS, 2), np.float32)
     sizes = np.zeros((len(indices), 2), np.float32)
     for k, index in enumerate(indices):
         radiograph = read_radiograph(aset.image_path(index))
-        array, matrix = prepare_input(radiograph, CACHE_SHAPE)
+        array, matrix = prepare_input(radiograph, shape)
         images[k] = np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8)
         pix = aset.landmarks[index] * [radiograph.width, radiograph.height]
         points[k] = apply(np.linalg.inv(matrix), pix)

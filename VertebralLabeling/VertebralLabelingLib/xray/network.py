@@ -9,7 +9,7 @@ input resolution,
   in units of ``xray_data.OFFSET_SCALE`` input pixels;
 * ``level`` (1 channel, models from v0.2 on): which vertebra (T1 ... L5) a centre cell belongs
   to, regressed from the whole view (ribs, pelvis), so the chain is decoded on its levels and
-  not only as "the 17 strongest peaks" (see ``xray_label.decode``).
+  not only as "the 17 strongest peaks" (see ``xray.decode``).
 
 At inference the 17 strongest heatmap peaks, sorted from top to bottom, are T1..L5 and each
 reads its four corners from the offsets (see ``xray.label``).  The encoder goes down to 1/32
