@@ -143,6 +143,9 @@ def test_cli_evaluate_on_the_validation_split(aasce, tmp_path):
     for key in ("smape", "landmark_mean_error_px", "seconds_per_case"):
         assert np.isfinite(data[key]) and data[key] >= 0
     assert set(data["mae_deg"]) == {"PT", "MT", "TL/L"}
+    for image in data["images"]:  # per image: the 68 corners, the level check and what to check
+        assert len(image["points_px"]) == 68 and isinstance(image["level_shift"], int)
+        assert bool(image["uncertain_levels"]) == image["level_flagged"]
 
 
 # -- bad model files -----------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "v
                      "landmark_mean_error_px": round(float(err.mean()), 2),
                      "min_confidence": round(float(result.confidence.min()), 3),
                      "level_shift": shift, "level_flagged": bool(result.level_uncertain),
+                     "uncertain_levels": result.uncertain_levels,
                      "points_px": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points_px],
                      "seconds": round(seconds[-1], 3)})
         if log:
