@@ -35,7 +35,7 @@ def _ids(paths):
 
 def test_the_shipped_models_are_all_there():
     names = set(_ids(SHIPPED_JSON))
-    assert {"compact", "xray-compact"} <= names and sum(n.startswith("loso/") for n in names) == 3
+    assert {"compact", "xray-compact", "xray-refine"} <= names and sum(n.startswith("loso/") for n in names) == 3
 
 
 @pytest.mark.parametrize("meta_path", SHIPPED_JSON, ids=_ids(SHIPPED_JSON))
@@ -49,8 +49,12 @@ def test_every_shipped_model_has_its_onnx_recorded(meta_path):
     if meta_path.with_suffix(".keras").exists():
         assert record["keras_sha256"] == hashlib.sha256(meta_path.with_suffix(".keras").read_bytes()).hexdigest(), \
             "the .keras was retrained without re-exporting the .onnx"
-    # batch, height and width stay open (whole padded slices of any size), one channel in
-    assert record["input_shape"][:3] == [None, None, None] and record["input_shape"][3] == 1
+    # batch, height and width stay open (whole padded slices of any size), one channel in; the
+    # X-ray refiner takes fixed-size crops
+    if json.loads(meta_path.read_text()).get("task") == "xray-vertebra-refiner":
+        assert record["input_shape"] == [None, 64, 96, 1]
+    else:
+        assert record["input_shape"][:3] == [None, None, None] and record["input_shape"][3] == 1
     assert record["check_max_abs_diff"] <= TOLERANCE
     assert {"keras", "tensorflow", "tf2onnx", "onnx"} <= set(record["versions"])
 

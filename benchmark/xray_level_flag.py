@@ -26,7 +26,6 @@ from xray_postprocessing import choosing_images  # noqa: E402  (this folder: the
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
-from VertebralLabelingLib.xray import decode as xray_decode  # noqa: E402
 from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import level_shift, smape  # noqa: E402
 
@@ -103,7 +102,8 @@ def coverage(rows, *rule):
 def choose_rule(rows):
     """The rule that misses the fewest shifted training chains, then flags the fewest images."""
     shifted = rows[:, 0] > 0
-    rules = itertools.product((-np.inf, -0.1, 0.0), (0.35, np.inf), (0.0, 0.3), (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+    anchor_levels = np.arange(0.0, 0.95, 0.1).round(1)
+    rules = itertools.product((-np.inf, -0.1, 0.0, 0.05), (0.35, np.inf), (0.0, 0.3), anchor_levels,
                               (False, True))
     return min(rules, key=lambda r: (np.sum(~flagged(rows, *r) & shifted), flagged(rows, *r).mean()))
 
@@ -131,11 +131,12 @@ def main():
               f"anchor weight {best[2]}")
     _setting(labeler, *shipped)
     on_train, on_val = measure(labeler, aset, train_idx), measure(labeler, aset, val_idx)
-    low, high = xray_decode.LEVEL_RESIDUAL_RANGE
-    rule = (low, high, xray_decode.END_PEAK_REVIEW, labeler.anchor_review, labeler.anchor_rivals)
+    shipped_rule = labeler.flag_rule
+    rule = (*shipped_rule.residual_range, shipped_rule.end_peak, shipped_rule.anchor_review, shipped_rule.anchor_rivals)
     if args.grid:
         chosen = choose_rule(on_train)
-        print(f"chosen on training images: residual in [{chosen[0]}, {chosen[1]}], end peak >= {chosen[2]}, "
+        print(f"chosen on training images (flag_rule): residual in [{chosen[0]}, {chosen[1]}], "
+              f"end peak >= {chosen[2]}, "
               f"anchor ends >= {chosen[3]}, rival check {chosen[4]}:\n  train {coverage(on_train, *chosen)}\n"
               f"  val {coverage(on_val, *chosen)}")
     print(f"shipped rule, {len(on_train)} training images: {coverage(on_train, *rule)}")

@@ -88,8 +88,9 @@ def _register_training(xsub) -> None:
                    help="chance that a training sample is mirrored left-right (default 0)")
     p.add_argument("--augment-strength", type=float, default=1.0,
                    help="scale of the random scale, rotation and shift (default 1)")
-    _training_parser(xsub, "train-refiner", "train the second stage that refines each vertebra on a crop",
-                     "xray-refine", 64, 30.0, cmd_train_refiner)
+    p = _training_parser(xsub, "train-refiner", "train the second stage that refines each vertebra on a crop",
+                         "xray-refine", 64, 30.0, cmd_train_refiner)
+    p.add_argument("--init", help="continue from this refiner (.keras)")
 
 
 def _refuse_existing(paths, overwrite):
@@ -157,7 +158,7 @@ def cmd_train_refiner(args) -> int:
     command = "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
-                 cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=command)
+                 cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=command, init=args.init)
     print(f"saved {path}")
     return 0
 

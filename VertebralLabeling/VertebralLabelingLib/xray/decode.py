@@ -9,7 +9,7 @@ when its levels are not confirmed (``Decoded.could_shift``).  All positions are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -42,9 +42,10 @@ def _corners_at(heat, offsets, y, x):
 LEVEL_WEIGHT = 1.0
 #: A chain could sit a whole level off when the level head's readings, less the chain's own levels
 #: (median over the 17), fall outside this range (the head reads correct chains slightly high), or
-#: when its weaker end vertebra (T1 or L5) has a centre peak below END_PEAK_REVIEW.  Chosen on 80
-#: training images (benchmark/xray_level_flag.py --grid) as the rule that flags every shifted chain
-#: there with the fewest flags: 9 of 9 caught, 66 % of images flagged.
+#: when its weaker end vertebra (T1 or L5) has a centre peak below END_PEAK_REVIEW.  Chosen for the
+#: level-head model on 80 training images (benchmark/xray_level_flag.py --grid) as the rule that
+#: flags every shifted chain there with the fewest flags; a model's metadata overrides them
+#: (``flag_rule``, see :class:`FlagRule`).
 LEVEL_RESIDUAL_RANGE = (0.0, 0.35)
 END_PEAK_REVIEW = 0.3
 #: Default weight of the anchor heads in the chain decoding: the chain's T1 gains
@@ -52,9 +53,28 @@ END_PEAK_REVIEW = 0.3
 #: metadata ``anchor_weight`` overrides it).
 ANCHOR_WEIGHT = 1.0
 #: With anchor heads, a chain is also not confirmed when its T1 or L5 reads below this on its
-#: anchor heatmap, or when another candidate reads higher than the chain's own end (metadata
-#: ``anchor_review`` and ``anchor_rivals`` (true/false) override them).
+#: anchor heatmap (or, with ``anchor_rivals``, when another candidate reads higher there).
 ANCHOR_REVIEW = 0.3
+
+
+@dataclass(frozen=True)
+class FlagRule:
+    """When a chain's levels are "not confirmed" (see :meth:`Decoded.could_shift`)."""
+
+    residual_range: tuple = LEVEL_RESIDUAL_RANGE
+    end_peak: float = END_PEAK_REVIEW
+    anchor_review: float = ANCHOR_REVIEW
+    anchor_rivals: bool = True
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "FlagRule":
+        """The rule in a model's metadata (``flag_rule``: residual_range, end_peak, anchor_review,
+        anchor_rivals; JSON null in residual_range = unbounded), defaults for what it leaves out."""
+        rule = dict(meta.get("flag_rule") or {})
+        if "residual_range" in rule:
+            low, high = rule["residual_range"]
+            rule["residual_range"] = (-np.inf if low is None else float(low), np.inf if high is None else float(high))
+        return cls(**{k: v for k, v in rule.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -69,23 +89,21 @@ class Decoded:
     #: and the highest reading of any other candidate on each (2,).
     anchor_ends: np.ndarray | None = None
     anchor_rivals: np.ndarray | None = None
-    anchor_review: float = ANCHOR_REVIEW
-    check_anchor_rivals: bool = True
+    rule: FlagRule = field(default_factory=FlagRule)
 
     def level_residuals(self) -> np.ndarray | None:
         return None if self.levels is None else self.levels - np.arange(len(self.levels))
 
     def could_shift(self) -> bool:
-        """True when the chain's levels are not confirmed: a weak end vertebra, or (with a level
-        head) readings that disagree with the chain (see LEVEL_RESIDUAL_RANGE)."""
-        if min(self.peaks[0], self.peaks[-1]) < END_PEAK_REVIEW or self.anchors_disagree():
+        """True when the chain's levels are not confirmed (see :class:`FlagRule`): a weak end
+        vertebra, an end weak on its anchor, or level readings that disagree with the chain."""
+        if self._weak_ends():
             return True
         r = self.level_residuals()
         if r is None:
             return False
-        low, high = LEVEL_RESIDUAL_RANGE
+        low, high = self.rule.residual_range
         return bool(not low <= np.median(r) <= high)
-
 
     def uncertain_ends(self) -> tuple:
         """Chain indices (0 = T1, n-1 = L5) of the ends to check when the chain could shift: an end
@@ -93,19 +111,25 @@ class Decoded:
         disagree (they do not say which end is wrong)."""
         if not self.could_shift():
             return ()
-        last = len(self.peaks) - 1
-        weak = [end for end, i in ((0, 0), (last, 1)) if self.peaks[end] < END_PEAK_REVIEW
-                or (self.anchor_ends is not None and (self.anchor_ends[i] < self.anchor_review or (
-                    self.check_anchor_rivals and self.anchor_rivals[i] >= self.anchor_ends[i])))]
-        return tuple(weak) or (0, last)
+        return self._weak_ends() or (0, len(self.peaks) - 1)
+
+    def _weak_ends(self) -> tuple:
+        last, rule = len(self.peaks) - 1, self.rule
+        weak = []
+        for end, i in ((0, 0), (last, 1)):
+            anchored = self.anchor_ends is not None
+            if self.peaks[end] < rule.end_peak or (anchored and (self.anchor_ends[i] < rule.anchor_review or (
+                    rule.anchor_rivals and self.anchor_rivals[i] >= self.anchor_ends[i]))):
+                weak.append(end)
+        return tuple(weak)
 
     def anchors_disagree(self) -> bool:
-        """True when an end of the chain is weak on its anchor heatmap or another candidate is
-        stronger there (False without anchor heads)."""
+        """True when an end of the chain is weak on its anchor heatmap or (with ``anchor_rivals``)
+        another candidate is stronger there (False without anchor heads)."""
         if self.anchor_ends is None:
             return False
-        rival = self.check_anchor_rivals and np.any(self.anchor_rivals >= self.anchor_ends)
-        return bool(np.any(self.anchor_ends < self.anchor_review) or rival)
+        rival = self.rule.anchor_rivals and np.any(self.anchor_rivals >= self.anchor_ends)
+        return bool(np.any(self.anchor_ends < self.rule.anchor_review) or rival)
 
 
 def _anchor_readings(anchors: np.ndarray, ys, xs) -> np.ndarray:

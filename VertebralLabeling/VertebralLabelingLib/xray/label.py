@@ -21,7 +21,7 @@ from . import data as xray_data
 from . import refine
 from .cobb import N_VERTEBRAE, CobbResult, cobb_angles
 from .data import INPUT_SHAPE, POINT_LABELS, Radiograph
-from .decode import ANCHOR_REVIEW, ANCHOR_WEIGHT, LEVEL_WEIGHT, Decoded, decode, decode_levels, smooth_tilts
+from .decode import ANCHOR_WEIGHT, LEVEL_WEIGHT, Decoded, FlagRule, decode, decode_levels, smooth_tilts
 from .network import load
 
 #: What the user reads when the chain could sit a whole level off.
@@ -87,8 +87,7 @@ class XrayLabeler:
         self.chain = float(meta.get("chain_decoding", 0.0))
         self.level_weight = float(meta.get("level_weight", LEVEL_WEIGHT))
         self.anchor_weight = float(meta.get("anchor_weight", ANCHOR_WEIGHT))
-        self.anchor_review = float(meta.get("anchor_review", ANCHOR_REVIEW))
-        self.anchor_rivals = bool(meta.get("anchor_rivals", True))
+        self.flag_rule = FlagRule.from_meta(meta)
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
@@ -140,7 +139,7 @@ class XrayLabeler:
         else:
             decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain, level_weight=self.level_weight,
                                     anchors=an, anchor_weight=self.anchor_weight)
-            decoded.anchor_review, decoded.check_anchor_rivals = self.anchor_review, self.anchor_rivals
+            decoded.rule = self.flag_rule
         if self.tilt_smoothing > 0:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded

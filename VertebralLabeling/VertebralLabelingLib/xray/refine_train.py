@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..io.files import write_json
-from ..io.models import count_parameters, import_keras, save
+from ..io.models import count_parameters, import_keras, load_keras_with_metadata, save
 from ..io.onnx_export import export_after_training
 from . import aasce, refine
 from . import data as xray_data
@@ -69,7 +69,8 @@ def tilt_error(predict, images, points, seed: int = 0, per_image: int = 17) -> t
 
 def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, batch_size: int = 64,
           steps: int = 100000, time_budget_s: float = 1800.0, learning_rate: float = 2e-3,
-          cache_dir="runs/xray_cache", log=print, command: str = "") -> Path:
+          cache_dir="runs/xray_cache", log=print, command: str = "", init=None) -> Path:
+    """Train a refiner (or continue ``init``, a refiner ``.keras``) for the step or time budget."""
     import tensorflow as tf  # deferred: only training needs TensorFlow
 
     keras = import_keras()
@@ -80,6 +81,9 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log, refine.SOURCE_SHAPE)
     v_images, v_points, _ = aasce.cache_dataset(aset, aset.indices_of(val_names), cache_dir, log, refine.SOURCE_SHAPE)
     model = refine.build()
+    if init:  # a second cosine cycle from a trained refiner (same architecture)
+        model.set_weights(load_keras_with_metadata(Path(init), refine.is_refiner)[0].get_weights())
+        log(f"initialised from {init}")
     schedule, length = cosine_schedule(keras, learning_rate, steps)
     model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM), loss="mae")
     rows, cols = refine.CROP_SHAPE
@@ -99,7 +103,8 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
             "version": __version__, "data": str(data_dir), "split_seed": aasce.SPLIT_SEED,
             "n_train": len(train_names), "n_val": len(val_names), "command": command,
             "validation_tilt_error_deg": {"perturbed": round(before, 2), "refined": round(after, 2)},
-            "tta_flip": True, "passes": 1, "architecture": refine.ARCHITECTURE, "task": refine.TASK}
+            "tta_flip": True, "passes": 1, "architecture": refine.ARCHITECTURE, "task": refine.TASK,
+            "initialised_from": str(init) if init else None}
     path = save(model, meta, out_dir, name)
     export_after_training(path, log)
     write_json(Path(out_dir) / f"{name}.history.json", callback.history)
