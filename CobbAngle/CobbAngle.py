@@ -278,7 +278,7 @@ class CobbAngleTest(SpineModuleTest):
     bundledModelTests = ("test_BundledModelRuns",)
 
     def test_BundledModelRuns(self):
-        """The bundled .onnx model loads on ONNX Runtime and gives its two heads at 1/4 size."""
+        """The bundled .onnx model loads on ONNX Runtime with its refiner and gives its heads at 1/4 size."""
         import numpy as np
 
         from VertebralLabelingLib.xray.label import XrayLabeler
@@ -287,9 +287,11 @@ class CobbAngleTest(SpineModuleTest):
         labeler = CobbAngleLogic().labeler()
         self.assertIsInstance(labeler, XrayLabeler)
         height, width = labeler.shape
-        heat, offsets, _level = labeler._network(np.zeros((1, height, width, 1), np.float32))
+        heat, offsets, level, anchors = labeler._network(np.zeros((1, height, width, 1), np.float32))
         self.assertEqual(heat.shape, (1, height // 4, width // 4, 1))
         self.assertEqual(offsets.shape, (1, height // 4, width // 4, 8))
+        self.assertEqual(anchors.shape, (1, height // 4, width // 4, 2))
+        self.assertIsNotNone(labeler.refiner)
         self.delayDisplay("Bundled model passed")
 
     def test_LiveUpdateWithFakeModel(self):

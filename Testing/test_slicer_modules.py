@@ -161,7 +161,7 @@ def corner_logic(cobb, radiograph, calls):
     class FakeLabeler:
         def label(self, image, progress=None):
             calls.append(image)
-            return FakeResult(points=points, confidence=np.full(17, 0.8),
+            return FakeResult(points=points, confidence=np.full(17, 0.8), level_review=np.arange(17) == 16,
                               cobb=cobb_from_physical(points, image))
 
     return cobb.CobbAngleLogic(labelerFactory=lambda name: FakeLabeler()), points
@@ -176,6 +176,9 @@ def test_cobb_logic_writes_corners_guards_edits_and_exports(cobb, radiograph_nod
     node = logic.process(volume_node)
     assert node.GetNumberOfControlPoints() == 68 and node.GetNthControlPointLabel(5) == "T2-TR"
     assert logic.summary() == "68 corners in 1.2 s; Cobb angles 0.0, 0.0, 0.0 deg a warning"
+    # the vertebra whose level is to be checked (here L5) is marked on its four corners
+    marked = [i for i in range(68) if "level not confirmed" in node.GetNthControlPointDescription(i)]
+    assert marked == [64, 65, 66, 67] and not node.GetNthControlPointSelected(64)
     node.SetNthControlPointPositionWorld(0, 1.0, 1.0, 0.0)
     with pytest.raises(UserEditsWouldBeLost, match='"ap'):
         logic.process(volume_node, node)
