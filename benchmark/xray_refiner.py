@@ -28,15 +28,15 @@ from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
 from VertebralLabelingLib.xray.decode import vertebra_tilts  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import smape  # noqa: E402
 from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points  # noqa: E402
-from VertebralLabelingLib.xray.refine import Refiner  # noqa: E402
+from VertebralLabelingLib.xray.refine import Refiner, tilt_error_deg  # noqa: E402
 
 SETTINGS = [None] + list(itertools.product((False, True), (1, 2)))  # None: the first stage alone
 
 
 def scores(points, truth, radiograph, reference):
-    tilt = np.degrees(np.angle(np.exp(1j * (vertebra_tilts(points) - vertebra_tilts(truth)))))
+    tilt = tilt_error_deg(vertebra_tilts(points), vertebra_tilts(truth))
     return (smape(cobb_from_points(points, radiograph).angles_deg, reference),
-            float(np.linalg.norm(points - truth, axis=1).mean()), float(np.abs(tilt).mean()))
+            float(np.linalg.norm(points - truth, axis=1).mean()), float(tilt.mean()))
 
 
 def table(labeler, refiner, aset, indices):

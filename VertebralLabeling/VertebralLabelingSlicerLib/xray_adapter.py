@@ -24,7 +24,7 @@ import vtk
 from VertebralLabelingLib.errors import InputError
 from VertebralLabelingLib.xray.cobb import N_POINTS, VERTEBRA_NAMES
 from VertebralLabelingLib.xray.data import POINT_LABELS, Radiograph, radiograph_from_sitk
-from VertebralLabelingLib.xray.export import LEVEL_REVIEW
+from VertebralLabelingLib.xray.export import LEVEL_REVIEW, REVIEW_BELOW, with_review
 from VertebralLabelingSlicerLib.nodes import UserEditsWouldBeLost, ijk_to_world  # noqa: F401 (re-exported)
 
 LINES_ATTRIBUTE = "CobbAngle.lines"
@@ -139,9 +139,9 @@ def update_landmarks_node(scene, points, confidence=None, volume_node=None, node
             description = "" if conf is None else f"confidence={conf:.2f}"
             check_level = level_review is not None and bool(level_review[index // 4])
             if check_level:
-                description = (f"{description}; " if description else "") + LEVEL_REVIEW
+                description = with_review(description, LEVEL_REVIEW)
             node.SetNthControlPointDescription(index, description)
-            node.SetNthControlPointSelected(index, (conf is None or conf >= 0.3) and not check_level)
+            node.SetNthControlPointSelected(index, (conf is None or conf >= REVIEW_BELOW) and not check_level)
             node.SetNthControlPointAssociatedNodeID(index, volume_id)
         node.SetAttribute(PREDICTED_ATTRIBUTE, json.dumps(_positions(node)))
     finally:

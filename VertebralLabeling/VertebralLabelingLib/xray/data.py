@@ -179,10 +179,12 @@ def apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-def prepare_input(radiograph: Radiograph, shape=INPUT_SHAPE):
-    """Network input (rows, cols) float32 in [0, 1] and its input->original-pixel matrix."""
+def prepare_input(radiograph: Radiograph, shape=INPUT_SHAPE, normalized: np.ndarray | None = None):
+    """Network input (rows, cols) float32 in [0, 1] and its input->original-pixel matrix.
+    ``normalized``: ``normalize(radiograph.array)`` when the caller has it already (it is the
+    slowest step on a full-size radiograph, and both landmark stages need it)."""
     matrix = base_transform(radiograph.height, radiograph.width, shape)
-    image = normalize(radiograph.array)
+    image = normalize(radiograph.array) if normalized is None else normalized
     k = int(np.floor(matrix[0, 0]))
     if k >= 2:  # area-average first (anti-aliasing), then sample the small image
         rows, cols = -(-image.shape[0] // k) * k, -(-image.shape[1] // k) * k
@@ -221,12 +223,20 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return out.astype(np.float32)
 
 
+def mirror_offsets(offsets) -> np.ndarray:
+    """Corner vectors (..., 4, 2) relative to a point on the mirror axis, mirrored left-right: x
+    negated and each vertebra's left and right corners swapping names (TL <-> TR, BL <-> BR), so
+    the result is still in AASCE order.  Used to map a mirrored image's outputs back."""
+    out = np.asarray(offsets)[..., [1, 0, 3, 2], :].copy()  # dtype kept (network outputs: float32)
+    out[..., 0] *= -1.0
+    return out
+
+
 def mirror(image: np.ndarray, points) -> tuple:
-    """The left-right mirror of an input image and its 68 points: x -> cols - 1 - x, and each
-    vertebra's left and right corners swap names (TL <-> TR, BL <-> BR), so a mirrored sample is
-    still in AASCE order (a scoliosis curve mirrored is another plausible curve)."""
-    pts = np.asarray(points, float).reshape(-1, 4, 2)[:, [1, 0, 3, 2]].copy()
-    pts[..., 0] = image.shape[1] - 1 - pts[..., 0]
+    """The left-right mirror of an input image and its 68 points: x -> cols - 1 - x, corners
+    renamed as :func:`mirror_offsets` (a scoliosis curve mirrored is another plausible curve)."""
+    centre = (image.shape[1] - 1) / 2.0
+    pts = mirror_offsets(np.asarray(points, float).reshape(-1, 4, 2) - [centre, 0.0]) + [centre, 0.0]
     return image[:, ::-1].copy(), pts.reshape(-1, 2)
 
 

@@ -54,6 +54,11 @@ def angles_dict(cobb: CobbResult) -> dict:
 LEVEL_REVIEW = "REVIEW: level not confirmed (the chain could be a level off)"
 
 
+def with_review(description: str, reason: str) -> str:
+    """A point's description with a review reason added ("confidence=0.87; REVIEW: ...")."""
+    return f"{description}; {reason}" if description else reason
+
+
 def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = False,
                  threshold: float = REVIEW_BELOW, level_review=None) -> dict:
     """The 68 corners as a Slicer point list; ``level_review`` (17,) marks the vertebrae whose
@@ -67,9 +72,9 @@ def markups_dict(points, confidence=None, slice_z: float = 0.0, locked: bool = F
         description = "" if conf is None else f"confidence={conf:.2f}"
         flagged = conf is not None and conf < threshold
         if flagged:
-            description += "; REVIEW: low confidence"
+            description = with_review(description, "REVIEW: low confidence")
         if level_review is not None and level_review[index // 4]:
-            description, flagged = (f"{description}; " if description else "") + LEVEL_REVIEW, True
+            description, flagged = with_review(description, LEVEL_REVIEW), True
         control.append(control_point(label, [x, y, slice_z], description, flagged))
     return markups_document(control, locked)
 

@@ -42,10 +42,14 @@ class XrayResult:
     radiograph: Radiograph
     seconds: float = 0.0
     warnings: list = field(default_factory=list)
-    #: True when the chain could sit a whole level off (see :meth:`Decoded.could_shift`).
-    level_uncertain: bool = False
     #: (17,) True for the vertebrae to check to confirm the levels (the chain's uncertain ends).
     level_review: np.ndarray = field(default_factory=lambda: np.zeros(N_VERTEBRAE, bool))
+
+    @property
+    def level_uncertain(self) -> bool:
+        """True when the chain could sit a whole level off (see :meth:`Decoded.could_shift`): then
+        at least one end is named for review (:meth:`Decoded.uncertain_ends`)."""
+        return bool(self.level_review.any())
 
     @property
     def uncertain_levels(self) -> list:
@@ -126,9 +130,8 @@ class XrayLabeler:
         lv = None if level is None else level[0, ..., 0]
         an = None if anchors is None else anchors[0]
         if self.flip:
-            hf, of = heat[1, :, ::-1, 0], offsets[1, :, ::-1].reshape(o.shape[:2] + (4, 2)).copy()
-            of[..., 0] *= -1.0
-            of = of[:, :, [1, 0, 3, 2]].reshape(o.shape)
+            hf = heat[1, :, ::-1, 0]
+            of = xray_data.mirror_offsets(offsets[1, :, ::-1].reshape(o.shape[:2] + (4, 2))).reshape(o.shape)
             h, o = (h + hf) / 2, (o + of) / 2
             if lv is not None:
                 lv = (lv + level[1, :, ::-1, 0]) / 2
@@ -148,7 +151,8 @@ class XrayLabeler:
         start = time.perf_counter()
         if progress:
             progress(0.1, "Preparing the image")
-        image, matrix = xray_data.prepare_input(radiograph, self.shape)
+        normalized = xray_data.normalize(radiograph.array)  # once, for both stages
+        image, matrix = xray_data.prepare_input(radiograph, self.shape, normalized)
         if progress:
             progress(0.4, "Running the landmark network")
         decoded = self.decode_input(image)
@@ -156,12 +160,11 @@ class XrayLabeler:
         if self.refiner is not None:
             if progress:
                 progress(0.7, "Refining each vertebra")
-            points_px = self.refiner.refine(radiograph, points_px)
+            points_px = self.refiner.refine(radiograph, points_px, normalized)
         points = radiograph.pixel_to_physical(points_px)
         if progress:
             progress(0.9, "Computing Cobb angles")
-        result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph,
-                            level_uncertain=decoded.could_shift())
+        result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph)
         result.level_review[list(decoded.uncertain_ends())] = True
         if result.level_uncertain:
             result.warnings.append(f"{LEVEL_WARNING} (check {' and '.join(result.uncertain_levels)})")

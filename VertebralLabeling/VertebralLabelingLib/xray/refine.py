@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ModelError
 from ..io import models as model_lib
 from . import data as xray_data
+from .decode import vertebra_tilts
 
 ARCHITECTURE = "xray-refine"
 TASK = "xray-vertebra-refiner"
@@ -36,19 +37,24 @@ CROP_VERTEBRA_WIDTH = 56.0
 CORNER_SCALE = 32.0
 
 
-def source_image(radiograph: xray_data.Radiograph):
-    """(image (SOURCE_ROWS, cols) in [0, 1], its source->original-pixel 3x3 matrix)."""
+def source_image(radiograph: xray_data.Radiograph, normalized: np.ndarray | None = None):
+    """(image (SOURCE_ROWS, cols) in [0, 1], its source->original-pixel 3x3 matrix);
+    ``normalized`` as in :func:`xray_data.prepare_input`."""
     cols = int(np.ceil(radiograph.width * SOURCE_ROWS / radiograph.height))
-    return xray_data.prepare_input(radiograph, (SOURCE_ROWS, max(cols, 8)))
+    return xray_data.prepare_input(radiograph, (SOURCE_ROWS, max(cols, 8)), normalized)
 
 
 def frame(corners) -> tuple:
     """(centre (2,), tilt (rad), width) of one vertebra's corners (4, 2): the tilt as cobb.py reads
     it (left-side midpoint to right-side midpoint), the width as the mean of the top and bottom."""
     c = np.asarray(corners, float).reshape(4, 2)
-    vec = (c[1] + c[3]) / 2 - (c[0] + c[2]) / 2
     width = (np.linalg.norm(c[1] - c[0]) + np.linalg.norm(c[3] - c[2])) / 2
-    return c.mean(axis=0), float(np.arctan2(vec[1], vec[0])), float(max(width, 1.0))
+    return c.mean(axis=0), float(vertebra_tilts(c)[0]), float(max(width, 1.0))
+
+
+def tilt_error_deg(tilts, true_tilts) -> np.ndarray:
+    """|tilts - true_tilts| in degrees (radians in), wrapped to [0, 180]."""
+    return np.abs(np.degrees(np.angle(np.exp(1j * (np.asarray(tilts, float) - np.asarray(true_tilts, float))))))
 
 
 def crop_matrix(centre, tilt: float, width: float) -> np.ndarray:
@@ -138,10 +144,8 @@ class Refiner:
         if not self.flip:
             return self.network.run(x)[0]
         out = self.network.run(np.concatenate([x, x[:, :, ::-1]]))[0]
-        n = len(batch)
-        mirrored = out[n:].reshape(n, 4, 2)[:, [1, 0, 3, 2]].copy()
-        mirrored[..., 0] *= -1.0  # x about the crop centre
-        return (out[:n] + mirrored.reshape(n, 8)) / 2
+        n = len(batch)  # the outputs are relative to the crop centre, on the mirror axis
+        return (out[:n] + xray_data.mirror_offsets(out[n:].reshape(n, 4, 2)).reshape(n, 8)) / 2
 
     def refine_source(self, source: np.ndarray, corners_src) -> np.ndarray:
         corners = np.asarray(corners_src, float)
@@ -150,7 +154,8 @@ class Refiner:
             corners = corners_from_output(self.predict(batch), matrices)
         return corners
 
-    def refine(self, radiograph: xray_data.Radiograph, corners_px) -> np.ndarray:
-        source, to_pixel = source_image(radiograph)
+    def refine(self, radiograph: xray_data.Radiograph, corners_px, normalized=None) -> np.ndarray:
+        """Refined corners (68, 2) in original pixels; ``normalized`` as in :func:`source_image`."""
+        source, to_pixel = source_image(radiograph, normalized)
         corners_src = xray_data.apply(np.linalg.inv(to_pixel), corners_px)
         return xray_data.apply(to_pixel, self.refine_source(source, corners_src))

@@ -20,7 +20,7 @@ from ..io.models import count_parameters, import_keras, load_keras_with_metadata
 from ..io.onnx_export import export_after_training
 from . import aasce, refine
 from . import data as xray_data
-from .train import CLIP_NORM, WARMUP_STEPS, cosine_schedule
+from .train import CLIP_NORM, cosine_schedule, keep_to_budget
 
 #: The simulated first-stage error (standard deviations): centre (vertebra widths), tilt (deg),
 #: log width.  Measured first-stage tilt error on training images is about 2.5 deg (mean |error|).
@@ -61,9 +61,8 @@ def tilt_error(predict, images, points, seed: int = 0, per_image: int = 17) -> t
             m = refine.crop_matrix(centre + rng.normal(0, CENTRE_JITTER * width, 2), noisy, width)
             crop = xray_data.warp(source, m, refine.CROP_SHAPE)
             corners = refine.corners_from_output(predict(crop[None]), m[None])
-            wrap = np.degrees(np.angle(np.exp(1j * (np.array([noisy, refine.frame(corners)[1]]) - tilt))))
-            before.append(abs(wrap[0]))
-            after.append(abs(wrap[1]))
+            before.append(float(refine.tilt_error_deg(noisy, tilt)))
+            after.append(float(refine.tilt_error_deg(refine.frame(corners)[1], tilt)))
     return float(np.mean(before)), float(np.mean(after))
 
 
@@ -112,7 +111,7 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
 
 
 def _budget_callback(keras, budget_s: float, steps: int, length, log):
-    """Stops at the time budget and fits the cosine to it (as ``xray.train``), logging the loss."""
+    """Stops at the time budget and fits the cosine to it (``train.keep_to_budget``), logging the loss."""
 
     class Budget(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -126,10 +125,6 @@ def _budget_callback(keras, budget_s: float, steps: int, length, log):
                 self.history.append({"step": self.steps, "minutes": round(self.minutes, 1),
                                      "loss": round(float(logs["loss"]), 4)})
                 log(f"step {self.steps} ({self.minutes:.1f} min) loss {logs['loss']:.4f}")
-            if elapsed >= budget_s:
-                self.model.stop_training = True
-            elif self.steps % 10 == 0:
-                fit = self.steps + (budget_s - elapsed) * self.steps / elapsed
-                length.assign(float(max(min(steps, fit) - WARMUP_STEPS, 1)))
+            keep_to_budget(self.model, length, self.steps, elapsed, budget_s, steps)
 
     return Budget()

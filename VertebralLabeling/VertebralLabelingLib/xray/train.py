@@ -124,6 +124,16 @@ def compile_model(tf, keras, model, learning_rate: float, steps: int):
     return length
 
 
+def keep_to_budget(model, length, steps: int, elapsed: float, budget_s: float, max_steps: int) -> None:
+    """After a training step: stop at the time budget, else (every 10 steps) set the cosine's
+    ``length`` to the steps that fit in the time left at the speed so far (at most ``max_steps``)."""
+    if elapsed >= budget_s:
+        model.stop_training = True
+    elif steps % 10 == 0:
+        fit = steps + (budget_s - elapsed) * steps / elapsed
+        length.assign(float(max(min(max_steps, fit) - WARMUP_STEPS, 1)))
+
+
 class _Budget:
     """Keras callback (mixed with ``keras.callbacks.Callback`` by :func:`_budget_callback`): logs,
     fits the cosine to the step or time budget, stops at the time budget, saves checkpoints."""
@@ -144,11 +154,7 @@ class _Budget:
             self.log(f"step {self.steps} ({elapsed / 60:.1f} min) lr {lr:.2e} heat {logs['heatmap_loss']:.3f} "
                      f"offsets {logs['offsets_loss']:.4f} level {logs.get('level_loss', 0.0):.4f} "
                      f"anchors {logs.get('anchors_loss', 0.0):.3f}")
-        if elapsed >= self.run["budget"]:
-            self.model.stop_training = True
-        elif self.steps % 10 == 0:  # the steps that fit in the time left, at the speed so far
-            fit = self.steps + (self.run["budget"] - elapsed) * self.steps / elapsed
-            self.length.assign(float(max(min(self.run["steps"], fit) - WARMUP_STEPS, 1)))
+        keep_to_budget(self.model, self.length, self.steps, elapsed, self.run["budget"], self.run["steps"])
         if time.time() - self.last_checkpoint > self.run["checkpoint_minutes"] * 60:
             self.checkpoint(CHECKPOINT_VALIDATION_IMAGES)
             self.last_checkpoint = time.time()
