@@ -90,3 +90,46 @@ def test_refiner_keeps_perfect_corners_and_loads_only_refiners(tmp_path):
     np.testing.assert_allclose(refiner.refine_source(source, boxes), boxes, atol=1e-3)
     with pytest.raises(ModelError, match="not found"):
         refine.load(tmp_path / "missing.onnx")
+
+
+def test_heatmap_head_reads_each_corner_at_its_heatmap_peak():
+    """The soft-argmax head: a sharp peak of corner k's logits at half-resolution pixel (r, c)
+    gives corner k at that pixel's centre, in crop pixels (the peak rows/cols are arbitrary)."""
+    keras = pytest.importorskip("keras")
+    model = refine.build(head="heatmap")
+    names = [layer.name for layer in model.layers]
+    after = model.layers[names.index("corner_logits") + 1:]
+    rows, cols = refine.CROP_SHAPE[0] // 2, refine.CROP_SHAPE[1] // 2
+    logits_in = keras.Input((rows, cols, 4))
+    x = logits_in
+    for layer in after:
+        x = layer(x)
+    head = keras.Model(logits_in, x)
+    peaks = [(3, 5), (3, 40), (28, 7), (30, 44)]  # TL, TR, BL, BR
+    logits = np.zeros((1, rows, cols, 4), np.float32)
+    for k, (r, c) in enumerate(peaks):
+        logits[0, r, c, k] = 60.0
+    out = np.asarray(head(logits)).reshape(4, 2) * refine.CORNER_SCALE + refine.crop_mid()
+    np.testing.assert_allclose(out, [(2 * c + 0.5, 2 * r + 0.5) for r, c in peaks], atol=1e-3)
+
+
+def test_heatmap_refiner_trains_exports_and_loads(tmp_path, capsys):
+    """``xray train-refiner --head heatmap`` end to end on a tiny synthetic folder: metadata, the
+    Keras file loads without running code, and its ONNX export gives the same corners."""
+    from test_xray_train_smoke import synthetic_aasce
+
+    from VertebralLabelingLib import cli
+
+    synthetic_aasce(tmp_path / "aasce")
+    out = tmp_path / "models"
+    argv = ["xray", "train-refiner", "--data", str(tmp_path / "aasce"), "--out", str(out), "--name", "tiny",
+            "--steps", "3", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--head", "heatmap"]
+    assert cli.main(argv) == 0
+    meta = (out / "tiny.json").read_text()
+    assert '"head": "heatmap"' in meta and '"steps": 3' in meta
+    crops = np.random.default_rng(0).random((3,) + refine.CROP_SHAPE).astype(np.float32)
+    keras_out = refine.Refiner.load(out / "tiny.keras").predict(crops)
+    onnx_out = refine.Refiner.load(out / "tiny.onnx").predict(crops)
+    np.testing.assert_allclose(onnx_out, keras_out, atol=1e-4)
+    local = keras_out.reshape(-1, 4, 2) * refine.CORNER_SCALE  # soft-argmax stays inside the crop
+    assert np.all(np.abs(local) <= np.array(refine.CROP_SHAPE[::-1]) / 2)

@@ -21,12 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
-from xray_postprocessing import choosing_images  # noqa: E402  (this folder: the same 80 images)
-
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
 from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
+from VertebralLabelingLib.xray.aasce import choosing_images  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import level_shift, smape  # noqa: E402
 
 LEVEL_WEIGHTS = (0.0, 0.1, 0.25, 0.5)

@@ -19,19 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray.aasce import choosing_images  # noqa: E402
 from VertebralLabelingLib.xray.decode import smooth_tilts  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import level_shift, smape  # noqa: E402
 from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points  # noqa: E402
 
 SMOOTHING = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHAIN = (0.0, 1.0)
-
-
-def choosing_images(aset, train_names, count: int = 80) -> list:
-    """The training images options are chosen on: ``count`` drawn with seed 0, in file order
-    (``xray_level_flag.py`` chooses on the same ones)."""
-    rng = np.random.default_rng(0)
-    return sorted(rng.choice(aset.indices_of(train_names), count, replace=False).tolist())
 
 
 def run(labeler, aset, indices, log):

@@ -20,11 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 
-from xray_postprocessing import choosing_images  # noqa: E402  (this folder: the same 80 images)
-
 from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
+from VertebralLabelingLib.xray.aasce import choosing_images  # noqa: E402
 from VertebralLabelingLib.xray.decode import vertebra_tilts  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import smape  # noqa: E402
 from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points  # noqa: E402

@@ -18,6 +18,9 @@ import numpy as np
 from ..errors import InputError
 from ..io.files import MARKUPS_SUFFIX, data_root, write_json
 
+#: The refiner heads (``xray.refine.HEADS``, not imported here: it would slow every command's start).
+REFINER_HEADS = ("dense", "heatmap")
+
 
 def register(sub) -> None:
     xray = sub.add_parser("xray", help="AP spine X-ray: vertebral corners (T1-L5) and Cobb angles")
@@ -91,6 +94,12 @@ def _register_training(xsub) -> None:
     p = _training_parser(xsub, "train-refiner", "train the second stage that refines each vertebra on a crop",
                          "xray-refine", 64, 30.0, cmd_train_refiner)
     p.add_argument("--init", help="continue from this refiner (.keras)")
+    p.add_argument("--head", choices=REFINER_HEADS, default="dense",
+                   help="dense regression or per-corner heatmaps read by soft-argmax (default dense)")
+    p = _training_parser(xsub, "train-ends", "train the classifier that finds T1 and L5 among the candidates",
+                         "xray-ends", 32, 40.0, cmd_train_ends)
+    p.add_argument("--no-hold-out", action="store_true",
+                   help="train on the 80 training images the decoding choices are made on too")
 
 
 def _refuse_existing(paths, overwrite):
@@ -155,12 +164,28 @@ def cmd_label(args) -> int:
 def cmd_train_refiner(args) -> int:
     from ..xray.refine_train import train
 
-    command = "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
-                 cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=command, init=args.init)
+                 cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(), init=args.init,
+                 head=args.head)
     print(f"saved {path}")
     return 0
+
+
+def cmd_train_ends(args) -> int:
+    from ..xray.ends_train import train
+
+    path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
+                 steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
+                 cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(),
+                 hold_out_choosing=not args.no_hold_out)
+    print(f"saved {path}")
+    return 0
+
+
+def _command_line() -> str:
+    """The command as typed, for the model card's metadata ("" when not run from the command line)."""
+    return "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
 
 
 def cmd_cobb(args) -> int:
@@ -188,12 +213,11 @@ def cmd_evaluate(args) -> int:
 def cmd_train(args) -> int:
     from ..xray.train import train
 
-    command = "vertebral-labeling " + " ".join(sys.argv[1:]) if sys.argv and "xray" in sys.argv else ""
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60,
                  learning_rate=args.learning_rate, cache_dir=args.cache_dir,
                  checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
-                 command=command, init=args.init, anchor_head=args.anchor_head,
+                 command=_command_line(), init=args.init, anchor_head=args.anchor_head,
                  flip_probability=args.flip_probability, augment_strength=args.augment_strength)
     print(f"saved {path}")
     return 0

@@ -110,6 +110,19 @@ def split_names(names, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTIO
     return [n for n in names if n not in val], [n for n in names if n in val]
 
 
+#: How many training images the post-processing and flag choices are made on (``choosing_images``).
+CHOOSING_COUNT = 80
+
+
+def choosing_images(aset: "AasceSet", train_names, count: int = CHOOSING_COUNT) -> list:
+    """Indices of the training images that decoding options and flag rules are chosen on:
+    ``count`` drawn with seed 0, in file order.  Models trained after those choices were first
+    made (the end classifier) leave them out, so that the choices are made on images they
+    have not seen."""
+    rng = np.random.default_rng(0)
+    return sorted(rng.choice(aset.indices_of(train_names), count, replace=False).tolist())
+
+
 def read_names_file(path) -> list:
     path = Path(path)
     if not path.is_file():

@@ -165,17 +165,23 @@ def _chain_candidates(heat: np.ndarray, offsets: np.ndarray, n: int, nms: int):
 
 def decode_levels(heat: np.ndarray, offsets: np.ndarray, level: np.ndarray, n: int = N_VERTEBRAE,
                   nms: int = 3, chain: float = 0.0, level_weight: float = LEVEL_WEIGHT,
-                  anchors: np.ndarray | None = None, anchor_weight: float = ANCHOR_WEIGHT) -> Decoded:
+                  anchors: np.ndarray | None = None, anchor_weight: float = ANCHOR_WEIGHT,
+                  end_readings=None) -> Decoded:
     """Like :func:`decode`, but each candidate also carries its level reading and the chain is
     chosen jointly on peak height, regular spacing and agreement with the levels: vertebra m of the
     chain pays ``level_weight * |level - m|``.  So a strong peak on C7 does not become "T1" when
     the level head places it above T1, and a chain can start at the true T1 even if it is weaker.
     With ``anchors`` (h, w, 2: T1 and L5 heatmaps) the chain is also anchored on them: its first
     vertebra gains ``anchor_weight`` times its T1 reading, its last the same with L5.
+    ``end_readings`` (a function: candidate corners (k, 4, 2) -> (k, 2) P(T1), P(L5), the end
+    classifier of ``xray.ends``) replaces the anchor readings when given.
     """
     ys, xs, cand = _chain_candidates(heat, offsets, n, nms)
     levels = np.array([_level_at(level, heat, y, x) for y, x in zip(ys, xs)])
-    readings = None if anchors is None else _anchor_readings(anchors, ys, xs)
+    if end_readings is not None:
+        readings = np.asarray(end_readings(cand), float).reshape(-1, 2)
+    else:
+        readings = None if anchors is None else _anchor_readings(anchors, ys, xs)
     chosen = _chain(cand.mean(axis=1), heat[ys, xs], n, chain, levels, level_weight,
                     None if readings is None else anchor_weight * readings)
     decoded = Decoded(cand[chosen].reshape(-1, 2), heat[ys[chosen], xs[chosen]], levels[chosen])

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..io import models as model_lib
 from . import data as xray_data
-from . import refine
+from . import ends, refine
 from .cobb import N_VERTEBRAE, CobbResult, cobb_angles
 from .data import INPUT_SHAPE, POINT_LABELS, Radiograph
 from .decode import ANCHOR_WEIGHT, LEVEL_WEIGHT, Decoded, FlagRule, decode, decode_levels, smooth_tilts
@@ -80,10 +80,11 @@ class XrayLabeler:
     :class:`refine.Refiner`, loaded by :meth:`load` when the metadata names one in ``refiner``)
     refines each vertebra's corners on a crop after the chain is decoded."""
 
-    def __init__(self, model, meta: dict, refiner=None):
+    def __init__(self, model, meta: dict, refiner=None, end_classifier=None):
         self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
         self.meta = meta
         self.refiner = refiner
+        self.end_classifier = end_classifier
         self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
         self.flip = bool(meta.get("tta_flip", False))
         self.tilt_smoothing = float(meta.get("tilt_smoothing", 0.0))
@@ -91,17 +92,21 @@ class XrayLabeler:
         self.chain = float(meta.get("chain_decoding", 0.0))
         self.level_weight = float(meta.get("level_weight", LEVEL_WEIGHT))
         self.anchor_weight = float(meta.get("anchor_weight", ANCHOR_WEIGHT))
+        self.end_weight = float(meta.get("end_weight", ANCHOR_WEIGHT))
         self.flag_rule = FlagRule.from_meta(meta)
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
         network, meta = load(name_or_path)
-        refiner = None
-        if meta.get("refiner"):  # beside the model first (a training run's folder), else bundled
-            path = model_lib.resolve_model_path(name_or_path)
-            beside = [path.with_name(meta["refiner"] + suffix) for suffix in model_lib.MODEL_SUFFIXES]
-            refiner = refine.Refiner.load(next((p for p in beside if p.exists()), meta["refiner"]))
-        return cls(network, meta, refiner)
+        path = model_lib.resolve_model_path(name_or_path)
+
+        def companion(kind, key):  # beside the model first (a training run's folder), else bundled
+            if not meta.get(key):
+                return None
+            beside = [path.with_name(meta[key] + suffix) for suffix in model_lib.MODEL_SUFFIXES]
+            return kind.load(next((p for p in beside if p.exists()), meta[key]))
+
+        return cls(network, meta, companion(refine.Refiner, "refiner"), companion(ends.EndClassifier, "end_classifier"))
 
     def _network(self, batch: np.ndarray):
         """(heatmap, offsets, level or None, anchors or None) for a batch (n, h, w, 1), in Keras
@@ -120,8 +125,9 @@ class XrayLabeler:
         decoded = self.decode_input(image)
         return decoded.corners, decoded.peaks
 
-    def decode_input(self, image: np.ndarray) -> Decoded:
-        """The decoded chain of one prepared input image (see :meth:`predict_input`)."""
+    def decode_input(self, image: np.ndarray, end_readings=None) -> Decoded:
+        """The decoded chain of one prepared input image (see :meth:`predict_input`);
+        ``end_readings`` as in :func:`decode_levels` (then weighted by ``end_weight``)."""
         batch = image[None, ..., None].astype(np.float32)
         if self.flip:
             batch = np.concatenate([batch, batch[:, :, ::-1]])
@@ -141,11 +147,19 @@ class XrayLabeler:
             decoded = Decoded(*decode(h, o, nms=self.nms, chain=self.chain))
         else:
             decoded = decode_levels(h, o, lv, nms=self.nms, chain=self.chain, level_weight=self.level_weight,
-                                    anchors=an, anchor_weight=self.anchor_weight)
+                                    anchors=an, anchor_weight=self.end_weight if end_readings else self.anchor_weight,
+                                    end_readings=end_readings)
             decoded.rule = self.flag_rule
         if self.tilt_smoothing > 0:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded
+
+    def _end_reader(self, source, to_source):
+        """The end classifier's readings of candidates given in input pixels (None without one)."""
+        if self.end_classifier is None:
+            return None
+        return lambda candidates: self.end_classifier.readings(
+            source, xray_data.apply(to_source, np.asarray(candidates, float).reshape(-1, 2)))
 
     def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
         start = time.perf_counter()
@@ -155,12 +169,17 @@ class XrayLabeler:
         image, matrix = xray_data.prepare_input(radiograph, self.shape, normalized)
         if progress:
             progress(0.4, "Running the landmark network")
-        decoded = self.decode_input(image)
+        source = to_source = None
+        if self.refiner is not None or self.end_classifier is not None:  # the crops' image, made once
+            source, source_to_pixel = refine.source_image(radiograph, normalized)
+            to_source = np.linalg.inv(source_to_pixel) @ matrix  # input pixel -> source pixel
+        decoded = self.decode_input(image, self._end_reader(source, to_source))
         points_px = xray_data.apply(matrix, decoded.corners)
         if self.refiner is not None:
             if progress:
                 progress(0.7, "Refining each vertebra")
-            points_px = self.refiner.refine(radiograph, points_px, normalized)
+            refined = self.refiner.refine_source(source, xray_data.apply(to_source, decoded.corners))
+            points_px = xray_data.apply(source_to_pixel, refined)
         points = radiograph.pixel_to_physical(points_px)
         if progress:
             progress(0.9, "Computing Cobb angles")

@@ -57,20 +57,20 @@ def tilt_error_deg(tilts, true_tilts) -> np.ndarray:
     return np.abs(np.degrees(np.angle(np.exp(1j * (np.asarray(tilts, float) - np.asarray(true_tilts, float))))))
 
 
-def crop_matrix(centre, tilt: float, width: float) -> np.ndarray:
+def crop_matrix(centre, tilt: float, width: float, shape=CROP_SHAPE, vertebra_width=CROP_VERTEBRA_WIDTH):
     """3x3 map crop pixel (x, y) -> source pixel (x, y): centred, rotated by ``tilt``, scaled so
-    the vertebra is CROP_VERTEBRA_WIDTH crop pixels wide."""
-    scale = width / CROP_VERTEBRA_WIDTH
+    the vertebra is ``vertebra_width`` crop pixels wide in a crop of ``shape`` (rows, cols)."""
+    scale = width / vertebra_width
     c, s = np.cos(tilt) * scale, np.sin(tilt) * scale
     m = np.eye(3)
     m[:2, :2] = [[c, -s], [s, c]]
-    m[:2, 2] = np.asarray(centre, float) - m[:2, :2] @ crop_mid()
+    m[:2, 2] = np.asarray(centre, float) - m[:2, :2] @ crop_mid(shape)
     return m
 
 
-def crop_mid() -> np.ndarray:
-    """The crop's centre pixel (x, y)."""
-    rows, cols = CROP_SHAPE
+def crop_mid(shape=CROP_SHAPE) -> np.ndarray:
+    """The centre pixel (x, y) of a crop of ``shape`` (rows, cols)."""
+    rows, cols = shape
     return np.array([(cols - 1) / 2.0, (rows - 1) / 2.0])
 
 
@@ -92,8 +92,13 @@ def targets(corners_in_crop) -> np.ndarray:
     return ((np.asarray(corners_in_crop, float) - crop_mid()) / CORNER_SCALE).ravel().astype(np.float32)
 
 
-def build(width: float = 1.0):
-    """A small CNN: crop (64, 96, 1) -> 8 corner coordinates (~0.3 M parameters)."""
+#: Refiner heads: ``dense`` regresses the 8 numbers from pooled features; ``heatmap`` predicts a
+#: heatmap per corner at half the crop's resolution and reads its expected position (soft-argmax).
+HEADS = ("dense", "heatmap")
+
+
+def build(width: float = 1.0, head: str = "dense"):
+    """A small CNN: crop (64, 96, 1) -> 8 corner coordinates (``head``: see :data:`HEADS`)."""
     keras = model_lib.import_keras()
     layers = keras.layers
 
@@ -102,12 +107,44 @@ def build(width: float = 1.0):
         return layers.ReLU()(layers.BatchNormalization()(x))
 
     inputs = keras.Input(CROP_SHAPE + (1,), name="crop")
+    if head == "heatmap":
+        return keras.Model(inputs, _heatmap_head(keras, conv, inputs), name="xray_refine_heatmap")
     x = conv(inputs, 16)
     for filters in (32, 48, 64, 96):  # 64 x 96 -> 4 x 6
         x = conv(conv(x, filters, stride=2), filters)
     x = layers.Flatten()(conv(x, 32))
     x = layers.Dense(128, activation="relu")(x)
     return keras.Model(inputs, layers.Dense(8, name="corners")(x), name="xray_refine")
+
+
+def _heatmap_head(keras, conv, inputs):
+    """Why: a corner read as the expected position of a heatmap (soft-argmax) is translation
+    equivariant, so it generalises to new patients better than a dense regression of pooled
+    features.  A small U-Net (64 x 96 -> 4 x 6 -> 32 x 48) gives each half-resolution pixel the
+    whole vertebra as context; the expectation is a fixed (non-trainable) product with the grid of
+    pixel positions in target units, built from standard layers so the model file holds no code."""
+    layers = keras.layers
+    skips, x = [], conv(inputs, 16)
+    for filters in (32, 48, 64, 96):
+        x = conv(conv(x, filters, stride=2), filters)
+        skips.append(x)
+    for filters, skip in zip((64, 48, 32), reversed(skips[:-1])):  # 4x6 -> 8x12 -> 16x24 -> 32x48
+        x = conv(layers.Concatenate()([layers.UpSampling2D(2)(x), skip]), filters)
+    logits = layers.Conv2D(4, 1, name="corner_logits")(x)
+    rows, cols = CROP_SHAPE[0] // 2, CROP_SHAPE[1] // 2
+    weights = layers.Softmax(axis=1)(layers.Reshape((rows * cols, 4))(logits))
+    expectation = layers.Dense(2, use_bias=False, trainable=False, name="expected_position")
+    out = layers.Reshape((8,), name="corners")(expectation(layers.Permute((2, 1))(weights)))
+    expectation.set_weights([_grid_in_target_units(rows, cols)])
+    return out
+
+
+def _grid_in_target_units(rows: int, cols: int) -> np.ndarray:
+    """(rows*cols, 2) the (x, y) of each half-resolution pixel centre as a target
+    ((crop pixel - crop centre) / CORNER_SCALE), in the Reshape's row-major order."""
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    crop_xy = np.stack([2 * x.ravel() + 0.5, 2 * y.ravel() + 0.5], axis=1)
+    return ((crop_xy - crop_mid()) / CORNER_SCALE).astype(np.float32)
 
 
 def is_refiner(meta, meta_path):

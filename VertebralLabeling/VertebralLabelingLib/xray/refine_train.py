@@ -68,8 +68,9 @@ def tilt_error(predict, images, points, seed: int = 0, per_image: int = 17) -> t
 
 def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, batch_size: int = 64,
           steps: int = 100000, time_budget_s: float = 1800.0, learning_rate: float = 2e-3,
-          cache_dir="runs/xray_cache", log=print, command: str = "", init=None) -> Path:
-    """Train a refiner (or continue ``init``, a refiner ``.keras``) for the step or time budget."""
+          cache_dir="runs/xray_cache", log=print, command: str = "", init=None, head: str = "dense") -> Path:
+    """Train a refiner (or continue ``init``, a refiner ``.keras`` with the same ``head``) for the
+    step or time budget."""
     import tensorflow as tf  # deferred: only training needs TensorFlow
 
     keras = import_keras()
@@ -79,7 +80,7 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
     train_names, val_names = aasce.split_names(aset.names)
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log, refine.SOURCE_SHAPE)
     v_images, v_points, _ = aasce.cache_dataset(aset, aset.indices_of(val_names), cache_dir, log, refine.SOURCE_SHAPE)
-    model = refine.build()
+    model = refine.build(head=head)
     if init:  # a second cosine cycle from a trained refiner (same architecture)
         model.set_weights(load_keras_with_metadata(Path(init), refine.is_refiner)[0].get_weights())
         log(f"initialised from {init}")
@@ -91,7 +92,7 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
         output_signature=(tf.TensorSpec((batch_size, rows, cols, 1), tf.float32),
                           tf.TensorSpec((batch_size, 8), tf.float32))).prefetch(3)
     budget = time_budget_s - (time.time() - start)
-    callback = _budget_callback(keras, budget, steps, length, log)
+    callback = budget_callback(keras, budget, steps, length, log)
     model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[callback], verbose=0)
     before, after = tilt_error(lambda x: model.predict(x[..., None], verbose=0), v_images, v_points)
     log(f"validation tilt error of perturbed frames: {before:.2f} deg -> {after:.2f} deg")
@@ -102,7 +103,7 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
             "version": __version__, "data": str(data_dir), "split_seed": aasce.SPLIT_SEED,
             "n_train": len(train_names), "n_val": len(val_names), "command": command,
             "validation_tilt_error_deg": {"perturbed": round(before, 2), "refined": round(after, 2)},
-            "tta_flip": True, "passes": 1, "architecture": refine.ARCHITECTURE, "task": refine.TASK,
+            "tta_flip": True, "passes": 1, "head": head, "architecture": refine.ARCHITECTURE, "task": refine.TASK,
             "initialised_from": str(init) if init else None}
     path = save(model, meta, out_dir, name)
     export_after_training(path, log)
@@ -110,7 +111,7 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
     return path
 
 
-def _budget_callback(keras, budget_s: float, steps: int, length, log):
+def budget_callback(keras, budget_s: float, steps: int, length, log):
     """Stops at the time budget and fits the cosine to it (``train.keep_to_budget``), logging the loss."""
 
     class Budget(keras.callbacks.Callback):

@@ -1,0 +1,104 @@
+"""Training the end-vertebra classifier (``xray.ends``) on the AASCE training split.
+
+Each sample is a crop around one vertebra of one training radiograph, after a random error like
+the first stage's (centre, tilt, width): mostly T1 or L5 and their neighbours on both sides (C7 and
+S1 placed one pitch beyond the chain), the rest any vertebra.  Targets: is it T1, is it L5.  The
+patient-level validation split is never trained on; with ``hold_out_choosing`` the 80 training
+images that decoding and flag choices are made on are left out too (``aasce.choosing_images``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..io.files import write_json
+from ..io.models import count_parameters, import_keras, save
+from ..io.onnx_export import export_after_training
+from . import aasce, ends, refine
+from . import data as xray_data
+from .refine_train import budget_callback
+from .train import CLIP_NORM, cosine_schedule
+
+#: Frame error (standard deviations): centre (vertebra widths), tilt (deg), log width.
+CENTRE_JITTER, TILT_JITTER_DEG, WIDTH_JITTER = 0.12, 5.0, 0.12
+#: Which of the 19 frames (0 = C7, 1 = T1 .. 17 = L5, 18 = S1) a sample is centred on: the ends and
+#: their neighbours, or (the rest of the time) any vertebra.
+TOP, BOTTOM = (0, 1, 2, 3), (18, 17, 16, 15)
+NEAR_END_WEIGHTS = (0.4, 0.4, 0.15, 0.05)
+ANY_VERTEBRA = 0.2
+
+
+def pick_frame(rng) -> int:
+    r = rng.random()
+    if r < ANY_VERTEBRA:
+        return int(rng.integers(1, 18))
+    return int(rng.choice(TOP if r < (1 + ANY_VERTEBRA) / 2 else BOTTOM, p=NEAR_END_WEIGHTS))
+
+
+def sample(image_u8, points, rng) -> tuple:
+    """One (crop, targets [is T1, is L5]) from one cached source image."""
+    k = pick_frame(rng)
+    centre, tilt, width = ends.chain_frames(points)[k]
+    centre = centre + rng.normal(0, CENTRE_JITTER * width, 2)
+    tilt += np.radians(np.clip(rng.normal(0, TILT_JITTER_DEG), -15, 15))
+    width *= np.exp(rng.normal(0, WIDTH_JITTER))
+    crop = xray_data.warp(image_u8.astype(np.float32) / 255.0, ends.crop_matrix(centre, tilt, width), ends.CROP_SHAPE)
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return xray_data.augment_intensity(crop, rng), np.array([k == 1, k == 17], np.float32)
+
+
+def batches(images, points, batch_size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    while True:
+        pairs = [sample(images[i], points[i], rng) for i in rng.integers(0, len(images), batch_size)]
+        yield np.stack([p[0] for p in pairs])[..., None], np.stack([p[1] for p in pairs])
+
+
+def training_indices(aset, train_names, hold_out_choosing: bool) -> list:
+    indices = aset.indices_of(train_names)
+    if not hold_out_choosing:
+        return indices
+    held = set(aasce.choosing_images(aset, train_names))
+    return [i for i in indices if i not in held]
+
+
+def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batch_size: int = 32,
+          steps: int = 100000, time_budget_s: float = 2400.0, learning_rate: float = 1e-3,
+          cache_dir="runs/xray_cache", log=print, command: str = "", hold_out_choosing: bool = True) -> Path:
+    """Train an end classifier for the step or time budget; writes NAME.keras/.onnx/.json."""
+    import tensorflow as tf  # deferred: only training needs TensorFlow
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    start = time.time()
+    aset = aasce.load_aasce(data_dir=data_dir)
+    train_names, val_names = aasce.split_names(aset.names)
+    indices = training_indices(aset, train_names, hold_out_choosing)
+    images, points, _ = aasce.cache_dataset(aset, indices, cache_dir, log, refine.SOURCE_SHAPE)
+    log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out for choices)")
+    model = ends.build()
+    schedule, length = cosine_schedule(keras, learning_rate, steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM), loss="binary_crossentropy")
+    rows, cols = ends.CROP_SHAPE
+    dataset = tf.data.Dataset.from_generator(
+        lambda: batches(images, points, batch_size, seed),
+        output_signature=(tf.TensorSpec((batch_size, rows, cols, 1), tf.float32),
+                          tf.TensorSpec((batch_size, 2), tf.float32))).prefetch(3)
+    callback = budget_callback(keras, time_budget_s - (time.time() - start), steps, length, log)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[callback], verbose=0)
+    meta = {"input_shape": list(ends.CROP_SHAPE), "source_rows": refine.SOURCE_ROWS,
+            "crop_vertebra_width": ends.CROP_VERTEBRA_WIDTH, "outputs": list(ends.OUTPUTS),
+            "parameters": count_parameters(model), "seed": seed, "batch_size": batch_size,
+            "learning_rate": learning_rate, "steps": callback.steps, "train_minutes": round(callback.minutes, 1),
+            "version": __version__, "data": str(data_dir), "split_seed": aasce.SPLIT_SEED,
+            "n_train": len(indices), "n_val": len(val_names), "held_out_for_choices": len(train_names) - len(indices),
+            "command": command, "tta_flip": True, "architecture": ends.ARCHITECTURE, "task": ends.TASK}
+    path = save(model, meta, out_dir, name)
+    export_after_training(path, log)
+    write_json(Path(out_dir) / f"{name}.history.json", callback.history)
+    return path
