@@ -3,6 +3,8 @@
 
 ``--weights``: SMAPE, corner error and level-shift rate for each decoding setting (``level_weight``,
 ``anchor_weight`` and ``tta_flip`` in the model's .json; "plain" = the 17 strongest peaks).
+``--ends MODEL``: decode with that end classifier's readings instead of the anchor heads' (the
+anchor weights are then ``end_weight``).  It is trained without these 80 images.
 
 Every option and threshold is chosen on the 80 training images this script draws (seed 0, as
 ``xray_postprocessing.py``); the validation split is printed beside them, never used to choose.
@@ -26,15 +28,38 @@ from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
 from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
 from VertebralLabelingLib.xray.aasce import choosing_images  # noqa: E402
+from VertebralLabelingLib.xray.ends import EndClassifier  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import level_shift, smape  # noqa: E402
 
 LEVEL_WEIGHTS = (0.0, 0.1, 0.25, 0.5)
-ANCHOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+ANCHOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 FLIPS = (False, True)
 
 
 def _setting(labeler, flip, level_weight, anchor_weight):
-    labeler.flip, labeler.level_weight, labeler.anchor_weight = flip, level_weight, anchor_weight
+    labeler.flip, labeler.level_weight = flip, level_weight
+    labeler.anchor_weight = labeler.end_weight = anchor_weight
+
+
+def _decode(labeler, radiograph):
+    """(decoded chain, input->pixel matrix) of one radiograph; the end classifier's readings are
+    remembered per candidate set (decoding settings that share candidates reuse them)."""
+    image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
+    source, _, to_source = labeler.crop_source(radiograph, matrix)
+    reader = labeler.end_reader(source, to_source)
+    if reader is not None:
+        memory = labeler.__dict__.setdefault("_end_memory", {})
+        if memory.get("image") is not radiograph:
+            memory.clear()
+            memory["image"] = radiograph
+
+        def remembered(candidates, read=reader):
+            key = np.asarray(candidates, np.float32).tobytes()
+            if key not in memory:
+                memory[key] = read(candidates)
+            return memory[key]
+        reader = remembered
+    return labeler.decode_input(image, reader), matrix
 
 
 def _remember_network(labeler):
@@ -52,17 +77,17 @@ def _remember_network(labeler):
 
 def weight_table(labeler, aset, indices):
     """Per (flip, level weight, anchor weight): rows of (SMAPE, corner error, shifted) per image."""
-    anchored = len(labeler.model.output_channels) > 3
+    anchored = len(labeler.model.output_channels) > 3 or labeler.end_classifier is not None
     settings = list(itertools.product(FLIPS, LEVEL_WEIGHTS, ANCHOR_WEIGHTS if anchored else (0.0,)))
     rows = {}
     _remember_network(labeler)
     for index in indices:
         radiograph = xray_data.read_radiograph(aset.image_path(index))
-        image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
         truth = aset.landmarks[index] * [radiograph.width, radiograph.height]
         for setting in settings:
             _setting(labeler, *setting)
-            points = xray_data.apply(matrix, labeler.decode_input(image).corners)
+            decoded, matrix = _decode(labeler, radiograph)
+            points = xray_data.apply(matrix, decoded.corners)
             rows.setdefault(setting, []).append((
                 smape(xray_label.cobb_from_points(points, radiograph).angles_deg, aset.angles[index]),
                 np.linalg.norm(points - truth, axis=1).mean(), level_shift(points, truth) != 0))
@@ -75,8 +100,7 @@ def measure(labeler, aset, indices):
     rows = []
     for index in indices:
         radiograph = xray_data.read_radiograph(aset.image_path(index))
-        image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
-        decoded = labeler.decode_input(image)
+        decoded, matrix = _decode(labeler, radiograph)
         truth = aset.landmarks[index] * [radiograph.width, radiograph.height]
         shifted = level_shift(xray_data.apply(matrix, decoded.corners), truth) != 0
         residuals = decoded.level_residuals()
@@ -112,12 +136,16 @@ def main():
     parser.add_argument("model", nargs="?", default="xray-compact")
     parser.add_argument("--grid", action="store_true", help="choose the flag rule on training images")
     parser.add_argument("--weights", action="store_true", help="also print the decoding-weight table")
+    parser.add_argument("--ends", help="decode with this end classifier (.onnx/.keras) instead of the anchor heads")
     args = parser.parse_args()
     aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
     train, val = aasce.split_names(aset.names)
     train_idx, val_idx = choosing_images(aset, train), aset.indices_of(val)
     labeler = xray_label.XrayLabeler.load(args.model)
-    shipped = (labeler.flip, labeler.level_weight, labeler.anchor_weight)
+    if args.ends:
+        labeler.end_classifier = EndClassifier.load(args.ends)
+    shipped = (labeler.flip, labeler.level_weight,
+               labeler.end_weight if labeler.end_classifier is not None else labeler.anchor_weight)
     if args.weights:
         tables = {name: weight_table(labeler, aset, idx) for name, idx in (("train", train_idx), ("val", val_idx))}
         best = min(tables["train"], key=lambda k: (tables["train"][k][:, 2].mean(), tables["train"][k][:, 0].mean()))

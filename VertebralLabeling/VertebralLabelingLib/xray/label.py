@@ -154,7 +154,15 @@ class XrayLabeler:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded
 
-    def _end_reader(self, source, to_source):
+    def crop_source(self, radiograph: Radiograph, matrix, normalized=None) -> tuple:
+        """(source image, its source->original-pixel matrix, the input->source matrix) that the
+        refiner and the end classifier crop from, made once (all None when the model has neither)."""
+        if self.refiner is None and self.end_classifier is None:
+            return None, None, None
+        source, source_to_pixel = refine.source_image(radiograph, normalized)
+        return source, source_to_pixel, np.linalg.inv(source_to_pixel) @ matrix
+
+    def end_reader(self, source, to_source):
         """The end classifier's readings of candidates given in input pixels (None without one)."""
         if self.end_classifier is None:
             return None
@@ -169,11 +177,8 @@ class XrayLabeler:
         image, matrix = xray_data.prepare_input(radiograph, self.shape, normalized)
         if progress:
             progress(0.4, "Running the landmark network")
-        source = to_source = None
-        if self.refiner is not None or self.end_classifier is not None:  # the crops' image, made once
-            source, source_to_pixel = refine.source_image(radiograph, normalized)
-            to_source = np.linalg.inv(source_to_pixel) @ matrix  # input pixel -> source pixel
-        decoded = self.decode_input(image, self._end_reader(source, to_source))
+        source, source_to_pixel, to_source = self.crop_source(radiograph, matrix, normalized)
+        decoded = self.decode_input(image, self.end_reader(source, to_source))
         points_px = xray_data.apply(matrix, decoded.corners)
         if self.refiner is not None:
             if progress:

@@ -1,0 +1,72 @@
+"""The end-vertebra classifier (``xray.ends``): where its crops are, what its training samples
+say, and that its readings move the decoded chain onto T1..L5 (``decode_levels(end_readings=)``)."""
+
+import numpy as np
+
+from test_xray_core import _chain_maps, spine_points
+
+from VertebralLabelingLib.xray import data as xray_data
+from VertebralLabelingLib.xray import ends, ends_train
+from VertebralLabelingLib.xray.decode import decode_levels
+
+
+def test_chain_frames_put_c7_and_s1_one_pitch_beyond_the_chain():
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    frames = ends.chain_frames(pts)
+    centres = np.array([f[0] for f in frames])
+    assert len(frames) == 19
+    np.testing.assert_allclose(centres[1:18], pts.reshape(17, 4, 2).mean(axis=1), atol=1e-9)
+    np.testing.assert_allclose(centres[0], centres[1] - (centres[2] - centres[1]), atol=1e-9)  # C7
+    np.testing.assert_allclose(centres[18], centres[17] + (centres[17] - centres[16]), atol=1e-9)  # S1
+
+
+def test_the_crop_is_centred_on_the_candidate_at_its_width():
+    pts = spine_points(centre_x=150, top=80, pitch=32).reshape(17, 4, 2)
+    centre, tilt, width = ends.chain_frames(pts)[9]
+    m = ends.crop_matrix(centre, tilt, width)
+    local = xray_data.apply(np.linalg.inv(m), pts[8])  # frame 9 is vertebra index 8 (T9)
+    rows, cols = ends.CROP_SHAPE
+    np.testing.assert_allclose(local.mean(axis=0), [(cols - 1) / 2, (rows - 1) / 2], atol=1e-6)
+    assert abs(np.ptp(local[:, 0]) - ends.CROP_VERTEBRA_WIDTH) < 1e-6  # scaled to its width
+
+
+def test_training_samples_name_t1_and_l5_only_on_them():
+    pts = spine_points(centre_x=320, top=200, pitch=45)
+    image = np.zeros((1280, 640), np.uint8)
+    rng = np.random.default_rng(0)
+    picks = [ends_train.pick_frame(rng) for _ in range(4000)]
+    counts = np.bincount(picks, minlength=19)
+    assert counts[[0, 1, 17, 18]].min() > 400  # the ends and their outer neighbours are frequent
+    assert counts[5:14].min() > 10 and counts.sum() == 4000  # every vertebra appears
+    for _ in range(50):
+        state = rng.bit_generator.state
+        k = ends_train.pick_frame(rng)
+        rng.bit_generator.state = state
+        crop, target = ends_train.sample(image, pts, rng)
+        assert crop.shape == ends.CROP_SHAPE
+        assert list(target) == [k == 1, k == 17]
+
+
+def test_end_readings_move_the_chain_onto_t1_and_flag_a_weak_end():
+    """A C7-like peak stronger than L5 and level readings of no weight: without end readings the
+    chain starts on C7; readings that say "T1" on the true T1 (and "L5" on L5) put it back, and a
+    reader that sees no T1 anywhere leaves the chain's T1 to be checked."""
+    pts = spine_points(centre_x=150, top=80, pitch=32)
+    heat, offsets, level = _chain_maps(pts, (150, 80 - 32), level_of_extra=-1.0, extra_height=1.0)
+    heat[(heat > 0.99)] = 1.0
+    l5 = np.unravel_index(np.argmax(heat * (np.arange(heat.shape[0]) > heat.shape[0] * 0.8)[:, None]), heat.shape)
+    heat[l5] = 0.9
+    true_centres = pts.reshape(17, 4, 2).mean(axis=1)
+
+    def reader(candidates):
+        c = np.asarray(candidates).reshape(-1, 4, 2).mean(axis=1)
+        near = lambda target: (np.linalg.norm(c - target, axis=1) < 8).astype(float)  # noqa: E731
+        return np.stack([near(true_centres[0]), near(true_centres[-1])], axis=1)
+
+    plain = decode_levels(heat, offsets, level, level_weight=0.0)
+    assert plain.corners.reshape(17, 4, 2)[0].mean(axis=0)[1] < 80 - 16  # T1 on C7
+    decoded = decode_levels(heat, offsets, level, level_weight=0.0, anchor_weight=1.0, end_readings=reader)
+    np.testing.assert_allclose(decoded.corners.reshape(17, 4, 2).mean(axis=1), true_centres, atol=1.0)
+    assert decoded.anchor_ends.min() == 1.0 and decoded.anchor_rivals.max() == 0.0
+    blind = decode_levels(heat, offsets, level, level_weight=0.0, end_readings=lambda c: np.zeros((len(c), 2)))
+    assert blind.anchors_disagree() and 0 in blind.uncertain_ends()
