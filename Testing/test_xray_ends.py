@@ -2,7 +2,6 @@
 say, and that its readings move the decoded chain onto T1..L5 (``decode_levels(end_readings=)``)."""
 
 import numpy as np
-
 from test_xray_core import _chain_maps, spine_points
 
 from VertebralLabelingLib.xray import data as xray_data
