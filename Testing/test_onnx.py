@@ -50,9 +50,10 @@ def test_every_shipped_model_has_its_onnx_recorded(meta_path):
         assert record["keras_sha256"] == hashlib.sha256(meta_path.with_suffix(".keras").read_bytes()).hexdigest(), \
             "the .keras was retrained without re-exporting the .onnx"
     # batch, height and width stay open (whole padded slices of any size), one channel in; the
-    # X-ray refiner takes fixed-size crops
-    if json.loads(meta_path.read_text()).get("task") == "xray-vertebra-refiner":
-        assert record["input_shape"] == [None, 64, 96, 1]
+    # X-ray refiner and end classifier take fixed-size crops
+    meta = json.loads(meta_path.read_text())
+    if meta.get("task") in ("xray-vertebra-refiner", "xray-end-vertebrae"):
+        assert record["input_shape"] == [None, *meta["input_shape"], 1]
     else:
         assert record["input_shape"][:3] == [None, None, None] and record["input_shape"][3] == 1
     assert record["check_max_abs_diff"] <= TOLERANCE

@@ -133,3 +133,11 @@ def test_heatmap_refiner_trains_exports_and_loads(tmp_path, capsys):
     np.testing.assert_allclose(onnx_out, keras_out, atol=1e-4)
     local = keras_out.reshape(-1, 4, 2) * refine.CORNER_SCALE  # soft-argmax stays inside the crop
     assert np.all(np.abs(local) <= np.array(refine.CROP_SHAPE[::-1]) / 2)
+
+
+def test_an_ensemble_averages_its_members_outputs():
+    a = np.arange(16, dtype=np.float32).reshape(2, 8) / 10
+    b = -np.ones((2, 8), np.float32)
+    refiner = refine.Refiner(_Fixed(a), {"tta_flip": False}, members=[_Fixed(b)])
+    np.testing.assert_allclose(refiner.predict(np.zeros((2,) + refine.CROP_SHAPE)), (a + b) / 2, atol=1e-7)
+    assert len(refiner.networks) == 2 and refiner.network is refiner.networks[0]

@@ -163,25 +163,38 @@ def load(name_or_path=DEFAULT_MODEL):
 
 class Refiner:
     """``refine(radiograph, corners_px)``: the first stage's corners (68, 2, original pixels) ->
-    refined corners, each vertebra from its own crop (mirror-averaged when ``flip``)."""
+    refined corners, each vertebra from its own crop (mirror-averaged when ``flip``).  With
+    ``members`` (more refiner networks, metadata ``ensemble``) the outputs of all are averaged."""
 
-    def __init__(self, network, meta: dict):
-        self.network = model_lib.as_network(network)
+    def __init__(self, network, meta: dict, members=()):
+        self.networks = [model_lib.as_network(n) for n in (network, *members)]
+        self.network = self.networks[0]
         self.meta = meta
         self.flip = bool(meta.get("tta_flip", True))
         self.passes = int(meta.get("passes", 1))
 
     @classmethod
     def load(cls, name_or_path=DEFAULT_MODEL) -> "Refiner":
-        return cls(*load(name_or_path))
+        """A refiner and the members its metadata names in ``ensemble`` (beside it first, else bundled)."""
+        network, meta = load(name_or_path)
+        path = model_lib.resolve_model_path(name_or_path)
+        members = []
+        for name in meta.get("ensemble") or ():
+            beside = [path.with_name(name + suffix) for suffix in model_lib.MODEL_SUFFIXES]
+            members.append(load(next((p for p in beside if p.exists()), name))[0])
+        return cls(network, meta, members)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(n, rows, cols) crops -> (n, 8) outputs, averaged with the mirrored crops' (mirrored back)."""
+        """(n, rows, cols) crops -> (n, 8) outputs, averaged over the networks and with the mirrored
+        crops' (mirrored back)."""
         x = np.ascontiguousarray(batch[..., None], dtype=np.float32)
+        n = len(batch)
+        if self.flip:
+            x = np.concatenate([x, x[:, :, ::-1]])
+        out = np.mean([network.run(x)[0] for network in self.networks], axis=0)
         if not self.flip:
-            return self.network.run(x)[0]
-        out = self.network.run(np.concatenate([x, x[:, :, ::-1]]))[0]
-        n = len(batch)  # the outputs are relative to the crop centre, on the mirror axis
+            return out
+        # the outputs are relative to the crop centre, on the mirror axis
         return (out[:n] + xray_data.mirror_offsets(out[n:].reshape(n, 4, 2)).reshape(n, 8)) / 2
 
     def refine_source(self, source: np.ndarray, corners_src) -> np.ndarray:
