@@ -8,7 +8,7 @@ The refiner was trained on the training images, so its training-image figures fl
 rule is written down before the validation figures are seen: use it when it lowers the training
 SMAPE, with the setting that lowers it most.
 
-    .venv/bin/python benchmark/xray_refiner.py MODEL REFINER
+    .venv/bin/python benchmark/xray_refiner.py MODEL REFINER [--with OTHER_REFINER ...]
 """
 
 import argparse
@@ -28,6 +28,7 @@ from VertebralLabelingLib.xray.decode import vertebra_tilts  # noqa: E402
 from VertebralLabelingLib.xray.evaluate import smape  # noqa: E402
 from VertebralLabelingLib.xray.label import XrayLabeler, cobb_from_points  # noqa: E402
 from VertebralLabelingLib.xray.refine import Refiner, tilt_error_deg  # noqa: E402
+from VertebralLabelingLib.xray.refine import load as load_refiner  # noqa: E402
 
 SETTINGS = [None] + list(itertools.product((False, True), (1, 2)))  # None: the first stage alone
 
@@ -57,12 +58,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model", help="first-stage model (.onnx or .keras, or a bundled name)")
     parser.add_argument("refiner", help="refiner model (.onnx or .keras)")
+    parser.add_argument("--with", dest="members", nargs="*", default=[],
+                        help="more refiners whose outputs are averaged with it (an ensemble)")
     args = parser.parse_args()
     aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce")
     train, val = aasce.split_names(aset.names)
     labeler = XrayLabeler.load(args.model)
     labeler.refiner = None
     refiner = Refiner.load(args.refiner)
+    if args.members:
+        members = [load_refiner(path)[0] for path in args.members]
+        refiner = Refiner(refiner.networks[0], refiner.meta, [*refiner.networks[1:], *members])
     tables = {name: table(labeler, refiner, aset, idx)
               for name, idx in (("train", choosing_images(aset, train)), ("val", aset.indices_of(val)))}
     for setting in SETTINGS:
