@@ -69,3 +69,25 @@ def test_end_readings_move_the_chain_onto_t1_and_flag_a_weak_end():
     assert decoded.anchor_ends.min() == 1.0 and decoded.anchor_rivals.max() == 0.0
     blind = decode_levels(heat, offsets, level, level_weight=0.0, end_readings=lambda c: np.zeros((len(c), 2)))
     assert blind.anchors_disagree() and 0 in blind.uncertain_ends()
+
+
+def test_train_ends_command_makes_a_loadable_classifier(tmp_path):
+    """``xray train-ends`` end to end on a tiny synthetic folder: metadata, readings in [0, 1], and
+    its ONNX export reads the same as the Keras file."""
+    from test_xray_train_smoke import synthetic_aasce
+
+    from VertebralLabelingLib import cli
+
+    synthetic_aasce(tmp_path / "aasce", n=8)
+    out = tmp_path / "models"
+    argv = ["xray", "train-ends", "--data", str(tmp_path / "aasce"), "--out", str(out), "--name", "tiny-ends",
+            "--steps", "3", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--no-hold-out"]
+    assert cli.main(argv) == 0
+    meta = (out / "tiny-ends.json").read_text()
+    assert '"task": "xray-end-vertebrae"' in meta and '"steps": 3' in meta and '"held_out_for_choices": 0' in meta
+    candidates = spine_points(centre_x=320, top=200, pitch=45).reshape(17, 4, 2)[:5]
+    source = np.random.default_rng(0).random((1280, 640)).astype(np.float32)
+    keras_out = ends.EndClassifier.load(out / "tiny-ends.keras").readings(source, candidates)
+    onnx_out = ends.EndClassifier.load(out / "tiny-ends.onnx").readings(source, candidates)
+    assert keras_out.shape == (5, 2) and np.all((keras_out >= 0) & (keras_out <= 1))
+    np.testing.assert_allclose(onnx_out, keras_out, atol=1e-4)

@@ -69,6 +69,33 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return onnx_path if onnx_path.exists() else models_dir() / f"{name_or_path}.keras"
 
 
+def companion_path(model_path, name: str):
+    """Where a model named in another model's metadata (a refiner, an end classifier) is: beside
+    that model first (a training run's folder), else the bundled one of that name."""
+    beside = [Path(model_path).with_name(name + suffix) for suffix in MODEL_SUFFIXES]
+    return next((p for p in beside if p.exists()), name)
+
+
+def task_check(task: str, kind: str):
+    """A ``check_meta`` (see :func:`read_metadata`) that accepts only metadata naming ``task``;
+    ``kind`` says what such a model is ("an X-ray vertebra refiner")."""
+
+    def check(meta, meta_path):
+        if not isinstance(meta, dict) or meta.get("task") != task:
+            return f"{meta_path} is not {kind} (task {task!r} expected)."
+        return None
+    return check
+
+
+def load_model_file(name_or_path, check_meta, kind: str):
+    """(network, metadata) of a bundled name or an .onnx / .keras path; ModelError naming
+    ``kind`` ("Refiner") when there is no such file."""
+    path = resolve_model_path(name_or_path)
+    if not path.is_file() or path.suffix not in MODEL_SUFFIXES:
+        raise ModelError(f"{kind} model not found (an .onnx or .keras file): {path}")
+    return load_with_metadata(path, check_meta)
+
+
 def _dims(shape) -> tuple:
     """A shape as a tuple of ints, None for a dimension the model leaves open."""
     return tuple(d if isinstance(d, int) and not isinstance(d, bool) else None for d in shape)

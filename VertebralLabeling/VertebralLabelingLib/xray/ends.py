@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ModelError
 from ..io import models as model_lib
 from . import data as xray_data
 from . import refine
@@ -66,18 +65,12 @@ def build(width: float = 1.0):
     return keras.Model(inputs, layers.Dense(2, activation="sigmoid", name="ends")(x), name="xray_ends")
 
 
-def is_end_classifier(meta, meta_path):
-    if not isinstance(meta, dict) or meta.get("task") != TASK:
-        return f"{meta_path} is not an X-ray end-vertebra classifier (task {TASK!r} expected)."
-    return None
+is_end_classifier = model_lib.task_check(TASK, "an X-ray end-vertebra classifier")
 
 
 def load(name_or_path=DEFAULT_MODEL):
     """(network, metadata) of an end classifier (.onnx on ONNX Runtime, or .keras)."""
-    path = model_lib.resolve_model_path(name_or_path)
-    if not path.is_file() or path.suffix not in model_lib.MODEL_SUFFIXES:
-        raise ModelError(f"End-vertebra model not found (an .onnx or .keras file): {path}")
-    return model_lib.load_with_metadata(path, is_end_classifier)
+    return model_lib.load_model_file(name_or_path, is_end_classifier, "End-vertebra")
 
 
 class EndClassifier:

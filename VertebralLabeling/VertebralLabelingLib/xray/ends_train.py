@@ -20,8 +20,7 @@ from ..io.models import count_parameters, import_keras, save
 from ..io.onnx_export import export_after_training
 from . import aasce, ends, refine
 from . import data as xray_data
-from .refine_train import budget_callback
-from .train import CLIP_NORM, cosine_schedule
+from .refine_train import fit_on_crops
 
 #: Frame error (standard deviations): centre (vertebra widths), tilt (deg), log width.
 CENTRE_JITTER, TILT_JITTER_DEG, WIDTH_JITTER = 0.12, 5.0, 0.12
@@ -71,8 +70,6 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
           steps: int = 100000, time_budget_s: float = 2400.0, learning_rate: float = 1e-3,
           cache_dir="runs/xray_cache", log=print, command: str = "", hold_out_choosing: bool = True) -> Path:
     """Train an end classifier for the step or time budget; writes NAME.keras/.onnx/.json."""
-    import tensorflow as tf  # deferred: only training needs TensorFlow
-
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     start = time.time()
@@ -82,15 +79,8 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
     images, points, _ = aasce.cache_dataset(aset, indices, cache_dir, log, refine.SOURCE_SHAPE)
     log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out for choices)")
     model = ends.build()
-    schedule, length = cosine_schedule(keras, learning_rate, steps)
-    model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM), loss="binary_crossentropy")
-    rows, cols = ends.CROP_SHAPE
-    dataset = tf.data.Dataset.from_generator(
-        lambda: batches(images, points, batch_size, seed),
-        output_signature=(tf.TensorSpec((batch_size, rows, cols, 1), tf.float32),
-                          tf.TensorSpec((batch_size, 2), tf.float32))).prefetch(3)
-    callback = budget_callback(keras, time_budget_s - (time.time() - start), steps, length, log)
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[callback], verbose=0)
+    callback = fit_on_crops(model, lambda: batches(images, points, batch_size, seed), (batch_size, 2),
+                            "binary_crossentropy", learning_rate, steps, time_budget_s - (time.time() - start), log)
     meta = {"input_shape": list(ends.CROP_SHAPE), "source_rows": refine.SOURCE_ROWS,
             "crop_vertebra_width": ends.CROP_VERTEBRA_WIDTH, "outputs": list(ends.OUTPUTS),
             "parameters": count_parameters(model), "seed": seed, "batch_size": batch_size,

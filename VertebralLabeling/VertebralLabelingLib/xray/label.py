@@ -100,11 +100,8 @@ class XrayLabeler:
         network, meta = load(name_or_path)
         path = model_lib.resolve_model_path(name_or_path)
 
-        def companion(kind, key):  # beside the model first (a training run's folder), else bundled
-            if not meta.get(key):
-                return None
-            beside = [path.with_name(meta[key] + suffix) for suffix in model_lib.MODEL_SUFFIXES]
-            return kind.load(next((p for p in beside if p.exists()), meta[key]))
+        def companion(kind, key):
+            return kind.load(model_lib.companion_path(path, meta[key])) if meta.get(key) else None
 
         return cls(network, meta, companion(refine.Refiner, "refiner"), companion(ends.EndClassifier, "end_classifier"))
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ModelError
 from ..io import models as model_lib
 from . import data as xray_data
 from .decode import vertebra_tilts
@@ -147,18 +146,12 @@ def _grid_in_target_units(rows: int, cols: int) -> np.ndarray:
     return ((crop_xy - crop_mid()) / CORNER_SCALE).astype(np.float32)
 
 
-def is_refiner(meta, meta_path):
-    if not isinstance(meta, dict) or meta.get("task") != TASK:
-        return f"{meta_path} is not an X-ray vertebra refiner (task {TASK!r} expected)."
-    return None
+is_refiner = model_lib.task_check(TASK, "an X-ray vertebra refiner")
 
 
 def load(name_or_path=DEFAULT_MODEL):
     """(network, metadata) of a refiner (.onnx on ONNX Runtime, or .keras)."""
-    path = model_lib.resolve_model_path(name_or_path)
-    if not path.is_file() or path.suffix not in model_lib.MODEL_SUFFIXES:
-        raise ModelError(f"Refiner model not found (an .onnx or .keras file): {path}")
-    return model_lib.load_with_metadata(path, is_refiner)
+    return model_lib.load_model_file(name_or_path, is_refiner, "Refiner")
 
 
 class Refiner:
@@ -178,10 +171,7 @@ class Refiner:
         """A refiner and the members its metadata names in ``ensemble`` (beside it first, else bundled)."""
         network, meta = load(name_or_path)
         path = model_lib.resolve_model_path(name_or_path)
-        members = []
-        for name in meta.get("ensemble") or ():
-            beside = [path.with_name(name + suffix) for suffix in model_lib.MODEL_SUFFIXES]
-            members.append(load(next((p for p in beside if p.exists()), name))[0])
+        members = [load(model_lib.companion_path(path, name))[0] for name in meta.get("ensemble") or ()]
         return cls(network, meta, members)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -71,8 +71,6 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
           cache_dir="runs/xray_cache", log=print, command: str = "", init=None, head: str = "dense") -> Path:
     """Train a refiner (or continue ``init``, a refiner ``.keras`` with the same ``head``) for the
     step or time budget."""
-    import tensorflow as tf  # deferred: only training needs TensorFlow
-
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     start = time.time()
@@ -84,16 +82,8 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
     if init:  # a second cosine cycle from a trained refiner (same architecture)
         model.set_weights(load_keras_with_metadata(Path(init), refine.is_refiner)[0].get_weights())
         log(f"initialised from {init}")
-    schedule, length = cosine_schedule(keras, learning_rate, steps)
-    model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM), loss="mae")
-    rows, cols = refine.CROP_SHAPE
-    dataset = tf.data.Dataset.from_generator(
-        lambda: batches(images, points, batch_size, seed),
-        output_signature=(tf.TensorSpec((batch_size, rows, cols, 1), tf.float32),
-                          tf.TensorSpec((batch_size, 8), tf.float32))).prefetch(3)
-    budget = time_budget_s - (time.time() - start)
-    callback = budget_callback(keras, budget, steps, length, log)
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[callback], verbose=0)
+    callback = fit_on_crops(model, lambda: batches(images, points, batch_size, seed), (batch_size, 8), "mae",
+                            learning_rate, steps, time_budget_s - (time.time() - start), log)
     before, after = tilt_error(lambda x: model.predict(x[..., None], verbose=0), v_images, v_points)
     log(f"validation tilt error of perturbed frames: {before:.2f} deg -> {after:.2f} deg")
     meta = {"input_shape": list(refine.CROP_SHAPE), "source_rows": refine.SOURCE_ROWS,
@@ -109,6 +99,25 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
     export_after_training(path, log)
     write_json(Path(out_dir) / f"{name}.history.json", callback.history)
     return path
+
+
+def fit_on_crops(model, make_batches, target_shape, loss, learning_rate: float, steps: int, budget_s: float, log):
+    """Compile ``model`` (Adam with the warm-up + cosine schedule, gradient clipping) and fit it on
+    ``make_batches()`` (a generator of (crops (batch, rows, cols, 1), targets ``target_shape``))
+    for ``steps`` or ``budget_s``; returns the :func:`budget_callback` (steps, minutes, history).
+    Both crop trainers (refiner, end classifier) use it."""
+    import tensorflow as tf  # deferred: only training needs TensorFlow
+
+    keras = import_keras()
+    schedule, length = cosine_schedule(keras, learning_rate, steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM), loss=loss)
+    crop_shape = (target_shape[0],) + tuple(model.input_shape[1:])
+    dataset = tf.data.Dataset.from_generator(
+        make_batches, output_signature=(tf.TensorSpec(crop_shape, tf.float32),
+                                        tf.TensorSpec(target_shape, tf.float32))).prefetch(3)
+    callback = budget_callback(keras, budget_s, steps, length, log)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[callback], verbose=0)
+    return callback
 
 
 def budget_callback(keras, budget_s: float, steps: int, length, log):
