@@ -41,6 +41,10 @@ def _setting(labeler, flip, level_weight, anchor_weight):
     labeler.anchor_weight = labeler.end_weight = anchor_weight
 
 
+#: The end classifier's readings of the current radiograph, per candidate set.
+_END_MEMORY = {}
+
+
 def _decode(labeler, radiograph):
     """(decoded chain, input->pixel matrix) of one radiograph; the end classifier's readings are
     remembered per candidate set (decoding settings that share candidates reuse them)."""
@@ -48,16 +52,15 @@ def _decode(labeler, radiograph):
     source, _, to_source = labeler.crop_source(radiograph, matrix)
     reader = labeler.end_reader(source, to_source)
     if reader is not None:
-        memory = labeler.__dict__.setdefault("_end_memory", {})
-        if memory.get("image") is not radiograph:
-            memory.clear()
-            memory["image"] = radiograph
+        if _END_MEMORY.get("image") is not radiograph:
+            _END_MEMORY.clear()
+            _END_MEMORY["image"] = radiograph
 
         def remembered(candidates, read=reader):
             key = np.asarray(candidates, np.float32).tobytes()
-            if key not in memory:
-                memory[key] = read(candidates)
-            return memory[key]
+            if key not in _END_MEMORY:
+                _END_MEMORY[key] = read(candidates)
+            return _END_MEMORY[key]
         reader = remembered
     return labeler.decode_input(image, reader), matrix
 
