@@ -1,6 +1,8 @@
 """The end-vertebra classifier (``xray.ends``): where its crops are, what its training samples
 say, and that its readings move the decoded chain onto T1..L5 (``decode_levels(end_readings=)``)."""
 
+import json
+
 import numpy as np
 from test_xray_core import _chain_maps, spine_points
 
@@ -81,13 +83,97 @@ def test_train_ends_command_makes_a_loadable_classifier(tmp_path):
     synthetic_aasce(tmp_path / "aasce", n=8)
     out = tmp_path / "models"
     argv = ["xray", "train-ends", "--data", str(tmp_path / "aasce"), "--out", str(out), "--name", "tiny-ends",
-            "--steps", "3", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--no-hold-out"]
+            "--steps", "3", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--no-hold-out",
+            "--crop", "96", "128", "20"]
     assert cli.main(argv) == 0
     meta = (out / "tiny-ends.json").read_text()
     assert '"task": "xray-end-vertebrae"' in meta and '"steps": 3' in meta and '"held_out_for_choices": 0' in meta
+    assert json.loads(meta)["input_shape"] == [96, 128] and json.loads(meta)["crop_vertebra_width"] == 20.0
     candidates = spine_points(centre_x=320, top=200, pitch=45).reshape(17, 4, 2)[:5]
     source = np.random.default_rng(0).random((1280, 640)).astype(np.float32)
     keras_out = ends.EndClassifier.load(out / "tiny-ends.keras").readings(source, candidates)
     onnx_out = ends.EndClassifier.load(out / "tiny-ends.onnx").readings(source, candidates)
     assert keras_out.shape == (5, 2) and np.all((keras_out >= 0) & (keras_out <= 1))
     np.testing.assert_allclose(onnx_out, keras_out, atol=1e-4)
+
+
+def test_shifted_chain_extrapolates_whole_pitches_beyond_the_ends():
+    pts = spine_points(np.linspace(-6, 6, 17), centre_x=150, top=80, pitch=32).reshape(17, 4, 2)
+    np.testing.assert_allclose(ends.shifted_chain(pts, 0), pts)
+    up = ends.shifted_chain(pts, -1)  # its T1 on C7: one pitch above the old T1, same shape
+    np.testing.assert_allclose(up[1:], pts[:-1])
+    np.testing.assert_allclose(up[0], pts[0] + (pts[0].mean(axis=0) - pts[1].mean(axis=0)))
+    down = ends.shifted_chain(pts, 2)  # its T1 on T3; the last two are S1 and S2
+    np.testing.assert_allclose(down[:15], pts[2:])
+    step = pts[16].mean(axis=0) - pts[15].mean(axis=0)
+    np.testing.assert_allclose(down[15:], [pts[16] + step, pts[16] + 2 * step])
+
+
+class _ReadsTheTruth:
+    """A stand-in end classifier: P(T1) = 0.9 on the true T1's centre, P(L5) = 0.9 on L5's,
+    0.1 elsewhere (whatever the pixels)."""
+
+    def __init__(self, truth):
+        self.centres = np.asarray(truth, float).reshape(17, 4, 2).mean(axis=1)[[0, -1]]
+
+    def readings(self, source, candidates):
+        c = np.asarray(candidates, float).reshape(-1, 4, 2).mean(axis=1)
+        near = np.linalg.norm(c[:, None] - self.centres[None], axis=2) < 4
+        return np.where(near, 0.9, 0.1)
+
+
+def test_shift_scores_find_the_true_levels_and_a_keep_bonus_can_overrule_them():
+    truth = spine_points(centre_x=150, top=80, pitch=32).reshape(17, 4, 2)
+    decoded = ends.shifted_chain(truth, 1)  # the decoded "T1" sits on T2
+    scores = ends.shift_scores(lambda c: _ReadsTheTruth(truth).readings(None, c), decoded, max_shift=2)
+    assert sorted(scores) == [-2, -1, 0, 1, 2]
+    shift, margin = ends.choose_shift(scores)
+    assert shift == -1 and margin > 4  # both ends read: 2 x (logit 0.9 - logit 0.1)
+    np.testing.assert_allclose(ends.shifted_chain(decoded, shift), truth, atol=1e-9)
+    assert ends.choose_shift(scores, keep_bonus=margin + 1)[0] == 0
+
+
+def test_the_labeler_moves_a_shifted_chain_and_flags_a_narrow_margin():
+    from VertebralLabelingLib.xray.decode import Decoded
+    from VertebralLabelingLib.xray.label import XrayLabeler
+
+    truth = spine_points(centre_x=150, top=80, pitch=32).reshape(17, 4, 2)
+    identity, source = np.eye(3), np.zeros((600, 300), np.float32)
+    for margin, flagged in ((1.0, False), (100.0, True)):
+        check = ends.ShiftCheck(_ReadsTheTruth(truth), {"max_shift": 1, "review_margin": margin, "flag": "margin"})
+        labeler = XrayLabeler(model=None, meta={}, shift_check=check)
+        decoded = Decoded(ends.shifted_chain(truth, -1).reshape(-1, 2), np.linspace(0.5, 0.9, 17))
+        unsure, shift = labeler.check_shift(decoded, source, identity)
+        assert shift == 1 and unsure is flagged
+        np.testing.assert_allclose(decoded.corners.reshape(17, 4, 2), truth, atol=1e-9)
+        assert decoded.peaks[-1] == 0.0  # the extrapolated L5 was not found by the first stage
+        np.testing.assert_allclose(decoded.peaks[:-1], np.linspace(0.5, 0.9, 17)[1:])
+    plain = Decoded(truth.reshape(-1, 2), np.ones(17))
+    assert XrayLabeler(model=None, meta={}).check_shift(plain, None, None) == (False, 0)
+
+
+def test_the_classifier_crops_the_field_of_view_its_metadata_names():
+    from VertebralLabelingLib.io.models import Network
+
+    class Shapes(Network):
+        seen = []
+
+        def run(self, batch):
+            self.seen.append(batch.shape)
+            return [np.full((len(batch), 2), 0.5, np.float32)]
+
+    network = Shapes()
+    classifier = ends.EndClassifier(network, {"input_shape": [96, 128], "crop_vertebra_width": 20.0,
+                                              "tta_flip": False})
+    boxes = spine_points(centre_x=150, top=80, pitch=32).reshape(17, 4, 2)[:3]
+    assert classifier.readings(np.zeros((600, 300), np.float32), boxes).shape == (3, 2)
+    assert network.seen == [(3, 96, 128, 1)]
+    assert ends.crop_geometry({}) == (ends.CROP_SHAPE, ends.CROP_VERTEBRA_WIDTH)
+
+
+def test_train_ends_refuses_a_crop_too_small(tmp_path):
+    from VertebralLabelingLib import cli
+
+    argv = ["xray", "train-ends", "--out", str(tmp_path / "m"), "--crop", "16", "160", "28"]
+    assert cli.main(argv) != 0
+    assert not (tmp_path / "m").exists()

@@ -100,6 +100,9 @@ def _register_training(xsub) -> None:
                          "xray-ends", 32, 40.0, cmd_train_ends)
     p.add_argument("--no-hold-out", action="store_true",
                    help="train on the 80 training images the decoding choices are made on too")
+    p.add_argument("--crop", type=float, nargs=3, metavar=("ROWS", "COLS", "WIDTH_PX"), default=None,
+                   help="field of view: crop rows and columns, and crop pixels per vertebra width "
+                        "(default 128 160 28)")
 
 
 def _refuse_existing(paths, overwrite):
@@ -178,9 +181,19 @@ def cmd_train_ends(args) -> int:
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
                  cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(),
-                 hold_out_choosing=not args.no_hold_out)
+                 hold_out_choosing=not args.no_hold_out, **_crop_options(args.crop))
     print(f"saved {path}")
     return 0
+
+
+def _crop_options(crop) -> dict:
+    """``--crop ROWS COLS WIDTH_PX`` as the end classifier trainer's keyword arguments."""
+    if crop is None:
+        return {}
+    rows, cols, width = crop
+    if min(rows, cols) < 32 or width <= 0:
+        raise InputError("--crop needs ROWS and COLS of at least 32 and a positive WIDTH_PX")
+    return {"crop_shape": (int(rows), int(cols)), "vertebra_width": float(width)}
 
 
 def _command_line() -> str:

@@ -41,13 +41,21 @@ def chain_frames(points) -> list:
     return [beyond[0]] + frames + [beyond[1]]
 
 
-def crop_matrix(centre, tilt: float, width: float) -> np.ndarray:
+def crop_matrix(centre, tilt: float, width: float, crop_shape=CROP_SHAPE,
+                vertebra_width: float = CROP_VERTEBRA_WIDTH) -> np.ndarray:
     """3x3 map crop pixel -> source pixel for one candidate (see :func:`refine.crop_matrix`)."""
-    return refine.crop_matrix(centre, tilt, width, CROP_SHAPE, CROP_VERTEBRA_WIDTH)
+    return refine.crop_matrix(centre, tilt, width, tuple(crop_shape), vertebra_width)
 
 
-def build(width: float = 1.0):
-    """A small CNN: crop (128, 160, 1) -> P(T1), P(L5) (sigmoids).  The features are flattened,
+def crop_geometry(meta: dict) -> tuple:
+    """(crop shape, crop pixels per vertebra width) of a model, from its metadata: a classifier
+    is trained for one field of view, and reads only crops of that field of view."""
+    return (tuple(int(v) for v in meta.get("input_shape", CROP_SHAPE)),
+            float(meta.get("crop_vertebra_width", CROP_VERTEBRA_WIDTH)))
+
+
+def build(width: float = 1.0, crop_shape=CROP_SHAPE):
+    """A small CNN: crop (rows, cols, 1) -> P(T1), P(L5) (sigmoids).  The features are flattened,
     not pooled: whether the ribs or the crests are beside the *centre* vertebra is the question."""
     keras = model_lib.import_keras()
     layers = keras.layers
@@ -56,9 +64,9 @@ def build(width: float = 1.0):
         x = layers.Conv2D(max(8, int(round(filters * width))), 3, strides=stride, padding="same", use_bias=False)(x)
         return layers.ReLU()(layers.BatchNormalization()(x))
 
-    inputs = keras.Input(CROP_SHAPE + (1,), name="crop")
+    inputs = keras.Input(tuple(crop_shape) + (1,), name="crop")
     x = conv(inputs, 16, stride=2)
-    for filters in (24, 32, 48, 64, 96):  # 64 x 80 -> 2 x 3 (after the stem)
+    for filters in (24, 32, 48, 64, 96):  # 64 x 80 -> 2 x 3 (after the stem, default crop)
         x = conv(conv(x, filters, stride=2), filters)
     x = layers.Flatten()(conv(x, 32))
     x = layers.Dropout(0.3)(layers.Dense(64, activation="relu")(x))
@@ -81,6 +89,7 @@ class EndClassifier:
         self.network = model_lib.as_network(network)
         self.meta = meta
         self.flip = bool(meta.get("tta_flip", True))
+        self.crop_shape, self.vertebra_width = crop_geometry(meta)
 
     @classmethod
     def load(cls, name_or_path=DEFAULT_MODEL) -> "EndClassifier":
@@ -88,9 +97,70 @@ class EndClassifier:
 
     def readings(self, source: np.ndarray, candidates) -> np.ndarray:
         frames = [refine.frame(v) for v in np.asarray(candidates, float).reshape(-1, 4, 2)]
-        batch = np.array([xray_data.warp(source, crop_matrix(*f), CROP_SHAPE) for f in frames])[..., None]
+        batch = np.array([xray_data.warp(source, crop_matrix(*f, self.crop_shape, self.vertebra_width),
+                                         self.crop_shape) for f in frames])[..., None]
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if not self.flip:
             return self.network.run(x)[0]
         out = self.network.run(np.concatenate([x, x[:, :, ::-1]]))[0]
         return (out[: len(x)] + out[len(x):]) / 2
+
+
+def shifted_chain(corners, shift: int) -> np.ndarray:
+    """The chain (n, 4, 2) moved ``shift`` levels: + caudally (its T1 on T2), - cranially (on C7).
+    Vertebrae beyond the old ends are extrapolated: the end vertebra moved by whole pitches."""
+    c = np.asarray(corners, float).reshape(-1, 4, 2)
+    k, n = abs(int(shift)), len(c)
+    up = c[0].mean(axis=0) - c[1].mean(axis=0)
+    down = c[-1].mean(axis=0) - c[-2].mean(axis=0)
+    above = [c[0] + j * up for j in range(k, 0, -1)]
+    below = [c[-1] + j * down for j in range(1, k + 1)]
+    extended = np.concatenate([np.reshape(above, (-1, 4, 2)), c, np.reshape(below, (-1, 4, 2))])
+    return extended[k + shift: k + shift + n]
+
+
+def shift_scores(read, corners, max_shift: int) -> dict:
+    """{shift: evidence that the chain moved by ``shift`` is T1..L5}, the end classifier's
+    log-odds of its first vertebra being T1 plus those of its last being L5 (``read``: candidate
+    corners (k, 4, 2) -> (k, 2) P(T1), P(L5), as :meth:`EndClassifier.readings`)."""
+    shifts = list(range(-max_shift, max_shift + 1))
+    chains = [shifted_chain(corners, s) for s in shifts]
+    readings = np.clip(np.asarray(read(np.array([c[0] for c in chains] + [c[-1] for c in chains]))), 1e-4, 1 - 1e-4)
+    log_odds = np.log(readings / (1 - readings))
+    m = len(shifts)
+    return {s: float(log_odds[i, 0] + log_odds[m + i, 1]) for i, s in enumerate(shifts)}
+
+
+def choose_shift(scores: dict, keep_bonus: float = 0.0) -> tuple:
+    """(shift, margin): the best-scoring shift once the decoded chain (shift 0) gains
+    ``keep_bonus``, and how far it leads the runner-up (a small margin = the levels are unsure)."""
+    adjusted = {s: v + (keep_bonus if s == 0 else 0.0) for s, v in scores.items()}
+    ranked = sorted(adjusted, key=adjusted.get, reverse=True)
+    margin = adjusted[ranked[0]] - adjusted[ranked[1]] if len(ranked) > 1 else np.inf
+    return ranked[0], float(margin)
+
+
+class ShiftCheck:
+    """After decoding, move the whole chain to the shift the end classifier reads best (metadata
+    ``shift_check``: ``classifier`` file, ``max_shift``, ``keep_bonus`` for the decoded chain,
+    ``review_margin`` under which the levels are flagged, ``flag`` "margin" to flag on the margin
+    alone or "either" to keep the first stage's rule too).
+
+    Why: the first stage's level cues were trained on every training image, so their errors on
+    those images say nothing about new patients, and it can only choose among the peaks it found;
+    the end classifier reads extrapolated C7 / S1 candidates as well."""
+
+    def __init__(self, classifier: EndClassifier, settings: dict):
+        self.classifier = classifier
+        self.max_shift = int(settings.get("max_shift", 2))
+        self.keep_bonus = float(settings.get("keep_bonus", 0.0))
+        self.review_margin = float(settings.get("review_margin", 0.0))
+        self.flag = str(settings.get("flag", "either"))
+
+    def check(self, read, corners) -> tuple:
+        """(corners moved to the chosen shift, shift, margin) of one chain (n*4, 2 or n, 4, 2)."""
+        shift, margin = choose_shift(shift_scores(read, corners, self.max_shift), self.keep_bonus)
+        return shifted_chain(corners, shift).reshape(-1, 2), shift, margin
+
+    def unsure(self, margin: float) -> bool:
+        return margin < self.review_margin

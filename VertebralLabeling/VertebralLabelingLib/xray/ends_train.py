@@ -38,23 +38,24 @@ def pick_frame(rng) -> int:
     return int(rng.choice(TOP if r < (1 + ANY_VERTEBRA) / 2 else BOTTOM, p=NEAR_END_WEIGHTS))
 
 
-def sample(image_u8, points, rng) -> tuple:
+def sample(image_u8, points, rng, crop_shape=ends.CROP_SHAPE, vertebra_width=ends.CROP_VERTEBRA_WIDTH) -> tuple:
     """One (crop, targets [is T1, is L5]) from one cached source image."""
     k = pick_frame(rng)
     centre, tilt, width = ends.chain_frames(points)[k]
     centre = centre + rng.normal(0, CENTRE_JITTER * width, 2)
     tilt += np.radians(np.clip(rng.normal(0, TILT_JITTER_DEG), -15, 15))
     width *= np.exp(rng.normal(0, WIDTH_JITTER))
-    crop = xray_data.warp(image_u8.astype(np.float32) / 255.0, ends.crop_matrix(centre, tilt, width), ends.CROP_SHAPE)
+    crop = xray_data.warp(image_u8.astype(np.float32) / 255.0,
+                          ends.crop_matrix(centre, tilt, width, crop_shape, vertebra_width), crop_shape)
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return xray_data.augment_intensity(crop, rng), np.array([k == 1, k == 17], np.float32)
 
 
-def batches(images, points, batch_size: int, seed: int):
+def batches(images, points, batch_size: int, seed: int, crop=(ends.CROP_SHAPE, ends.CROP_VERTEBRA_WIDTH)):
     rng = np.random.default_rng(seed)
     while True:
-        pairs = [sample(images[i], points[i], rng) for i in rng.integers(0, len(images), batch_size)]
+        pairs = [sample(images[i], points[i], rng, *crop) for i in rng.integers(0, len(images), batch_size)]
         yield np.stack([p[0] for p in pairs])[..., None], np.stack([p[1] for p in pairs])
 
 
@@ -68,8 +69,10 @@ def training_indices(aset, train_names, hold_out_choosing: bool) -> list:
 
 def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batch_size: int = 32,
           steps: int = 100000, time_budget_s: float = 2400.0, learning_rate: float = 1e-3,
-          cache_dir="runs/xray_cache", log=print, command: str = "", hold_out_choosing: bool = True) -> Path:
-    """Train an end classifier for the step or time budget; writes NAME.keras/.onnx/.json."""
+          cache_dir="runs/xray_cache", log=print, command: str = "", hold_out_choosing: bool = True,
+          crop_shape=ends.CROP_SHAPE, vertebra_width: float = ends.CROP_VERTEBRA_WIDTH) -> Path:
+    """Train an end classifier for the step or time budget; writes NAME.keras/.onnx/.json.
+    ``crop_shape`` and ``vertebra_width`` (crop pixels per vertebra width) set its field of view."""
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     start = time.time()
@@ -78,11 +81,12 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
     indices = training_indices(aset, train_names, hold_out_choosing)
     images, points, _ = aasce.cache_dataset(aset, indices, cache_dir, log, refine.SOURCE_SHAPE)
     log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out for choices)")
-    model = ends.build()
-    callback = fit_on_crops(model, lambda: batches(images, points, batch_size, seed), (batch_size, 2),
+    crop = (tuple(int(v) for v in crop_shape), float(vertebra_width))
+    model = ends.build(crop_shape=crop[0])
+    callback = fit_on_crops(model, lambda: batches(images, points, batch_size, seed, crop), (batch_size, 2),
                             "binary_crossentropy", learning_rate, steps, time_budget_s - (time.time() - start), log)
-    meta = {"input_shape": list(ends.CROP_SHAPE), "source_rows": refine.SOURCE_ROWS,
-            "crop_vertebra_width": ends.CROP_VERTEBRA_WIDTH, "outputs": list(ends.OUTPUTS),
+    meta = {"input_shape": list(crop[0]), "source_rows": refine.SOURCE_ROWS, "crop_vertebra_width": crop[1],
+            "outputs": list(ends.OUTPUTS),
             "parameters": count_parameters(model), "seed": seed, "batch_size": batch_size,
             "learning_rate": learning_rate, "steps": callback.steps, "train_minutes": round(callback.minutes, 1),
             "version": __version__, "data": str(data_dir), "split_seed": aasce.SPLIT_SEED,

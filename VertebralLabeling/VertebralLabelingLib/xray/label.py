@@ -80,11 +80,13 @@ class XrayLabeler:
     :class:`refine.Refiner`, loaded by :meth:`load` when the metadata names one in ``refiner``)
     refines each vertebra's corners on a crop after the chain is decoded."""
 
-    def __init__(self, model, meta: dict, refiner=None, end_classifier=None):
+    def __init__(self, model, meta: dict, refiner=None, end_classifier=None, shift_check=None):
         self.model = model_lib.as_network(model)  # ONNX Runtime, or Keras for a .keras file
         self.meta = meta
         self.refiner = refiner
         self.end_classifier = end_classifier
+        #: An :class:`ends.ShiftCheck` that may move the decoded chain by whole levels (or None).
+        self.shift_check = shift_check
         self.shape = tuple(meta.get("input_shape", INPUT_SHAPE))
         self.flip = bool(meta.get("tta_flip", False))
         self.tilt_smoothing = float(meta.get("tilt_smoothing", 0.0))
@@ -103,7 +105,13 @@ class XrayLabeler:
         def companion(kind, key):
             return kind.load(model_lib.companion_path(path, meta[key])) if meta.get(key) else None
 
-        return cls(network, meta, companion(refine.Refiner, "refiner"), companion(ends.EndClassifier, "end_classifier"))
+        check = meta.get("shift_check")
+        shift_check = None
+        if check:
+            shift_check = ends.ShiftCheck(ends.EndClassifier.load(model_lib.companion_path(path, check["classifier"])),
+                                          check)
+        return cls(network, meta, companion(refine.Refiner, "refiner"), companion(ends.EndClassifier, "end_classifier"),
+                   shift_check)
 
     def _network(self, batch: np.ndarray):
         """(heatmap, offsets, level or None, anchors or None) for a batch (n, h, w, 1), in Keras
@@ -154,17 +162,37 @@ class XrayLabeler:
     def crop_source(self, radiograph: Radiograph, matrix, normalized=None) -> tuple:
         """(source image, its source->original-pixel matrix, the input->source matrix) that the
         refiner and the end classifier crop from, made once (all None when the model has neither)."""
-        if self.refiner is None and self.end_classifier is None:
+        if self.refiner is None and self.end_classifier is None and self.shift_check is None:
             return None, None, None
         source, source_to_pixel = refine.source_image(radiograph, normalized)
         return source, source_to_pixel, np.linalg.inv(source_to_pixel) @ matrix
 
-    def end_reader(self, source, to_source):
+    def end_reader(self, source, to_source, classifier=None):
         """The end classifier's readings of candidates given in input pixels (None without one)."""
-        if self.end_classifier is None:
+        classifier = classifier or self.end_classifier
+        if classifier is None:
             return None
-        return lambda candidates: self.end_classifier.readings(
+        return lambda candidates: classifier.readings(
             source, xray_data.apply(to_source, np.asarray(candidates, float).reshape(-1, 2)))
+
+    def check_shift(self, decoded: Decoded, source, to_source) -> tuple:
+        """(the levels are unsure, shift) after the shift check moved ``decoded`` (in place) to the
+        shift the end classifier reads best; without a check, the first stage's flag rule alone.
+        Extrapolated vertebrae get confidence 0 (the first stage did not find them)."""
+        first_stage_unsure = decoded.could_shift()
+        if self.shift_check is None:
+            return first_stage_unsure, 0
+        check = self.shift_check
+        corners, shift, margin = check.check(self.end_reader(source, to_source, check.classifier), decoded.corners)
+        decoded.corners = corners
+        if shift:
+            moved = np.zeros_like(decoded.peaks)
+            n = len(moved)
+            keep = slice(max(0, -shift), n - max(0, shift))
+            moved[keep] = decoded.peaks[max(0, shift): n - max(0, -shift)]
+            decoded.peaks = moved
+        unsure = check.unsure(margin) or (check.flag == "either" and first_stage_unsure)
+        return bool(unsure), shift
 
     def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
         start = time.perf_counter()
@@ -176,6 +204,8 @@ class XrayLabeler:
             progress(0.4, "Running the landmark network")
         source, source_to_pixel, to_source = self.crop_source(radiograph, matrix, normalized)
         decoded = self.decode_input(image, self.end_reader(source, to_source))
+        first_stage_ends = decoded.uncertain_ends()
+        unsure, shift = self.check_shift(decoded, source, to_source)
         points_px = xray_data.apply(matrix, decoded.corners)
         if self.refiner is not None:
             if progress:
@@ -186,7 +216,10 @@ class XrayLabeler:
         if progress:
             progress(0.9, "Computing Cobb angles")
         result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph)
-        result.level_review[list(decoded.uncertain_ends())] = True
+        if unsure:
+            # the first stage's rule names its weak end; the shift check does not say which end
+            named = first_stage_ends if first_stage_ends and not shift else (0, N_VERTEBRAE - 1)
+            result.level_review[list(named)] = True
         if result.level_uncertain:
             result.warnings.append(f"{LEVEL_WARNING} (check {' and '.join(result.uncertain_levels)})")
         low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]
