@@ -470,3 +470,16 @@ def test_markups_mark_the_vertebrae_whose_level_is_to_be_checked(tmp_path):
     points = doc["markups"][0]["controlPoints"]
     assert all(xray_export.LEVEL_REVIEW in p["description"] and not p["selected"] for p in points[:4])
     assert all("REVIEW" not in p["description"] and p["selected"] for p in points[4:])
+
+
+def test_training_indices_leave_out_exactly_the_choosing_images():
+    from VertebralLabelingLib.xray import aasce
+
+    names = [f"p{i}-{i} A AP.jpg" for i in range(120)]
+    aset = aasce.AasceSet(Path("."), names, np.zeros((120, 68, 2)), None)
+    train = names[:100]
+    held = aasce.choosing_images(aset, train, count=80)
+    kept = aasce.training_indices(aset, train, hold_out_choosing=True)
+    assert len(held) == 80 and len(kept) == 20 and not set(kept) & set(held)
+    assert set(kept) | set(held) == set(range(100))
+    assert aasce.training_indices(aset, train, hold_out_choosing=False) == list(range(100))

@@ -96,6 +96,8 @@ def _register_training(xsub) -> None:
     p.add_argument("--init", help="continue from this refiner (.keras)")
     p.add_argument("--head", choices=REFINER_HEADS, default="dense",
                    help="dense regression or per-corner heatmaps read by soft-argmax (default dense)")
+    p.add_argument("--hold-out-choosing", action="store_true",
+                   help="leave out the 80 training images the settings are chosen on")
     p = _training_parser(xsub, "train-ends", "train the classifier that finds T1 and L5 among the candidates",
                          "xray-ends", 32, 40.0, cmd_train_ends)
     p.add_argument("--no-hold-out", action="store_true",
@@ -170,7 +172,7 @@ def cmd_train_refiner(args) -> int:
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
                  cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(), init=args.init,
-                 head=args.head)
+                 head=args.head, hold_out_choosing=args.hold_out_choosing)
     print(f"saved {path}")
     return 0
 

@@ -123,6 +123,17 @@ def choosing_images(aset: "AasceSet", train_names, count: int = CHOOSING_COUNT) 
     return sorted(rng.choice(aset.indices_of(train_names), count, replace=False).tolist())
 
 
+def training_indices(aset: "AasceSet", train_names, hold_out_choosing: bool) -> list:
+    """Indices of the training images a model learns from: all of the training split, or (with
+    ``hold_out_choosing``) all but the 80 that choices are made on, so those choices are made on
+    images the model has not seen."""
+    indices = aset.indices_of(train_names)
+    if not hold_out_choosing:
+        return indices
+    held = set(choosing_images(aset, train_names))
+    return [i for i in indices if i not in held]
+
+
 def read_names_file(path) -> list:
     path = Path(path)
     if not path.is_file():

@@ -59,14 +59,6 @@ def batches(images, points, batch_size: int, seed: int, crop=(ends.CROP_SHAPE, e
         yield np.stack([p[0] for p in pairs])[..., None], np.stack([p[1] for p in pairs])
 
 
-def training_indices(aset, train_names, hold_out_choosing: bool) -> list:
-    indices = aset.indices_of(train_names)
-    if not hold_out_choosing:
-        return indices
-    held = set(aasce.choosing_images(aset, train_names))
-    return [i for i in indices if i not in held]
-
-
 def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batch_size: int = 32,
           steps: int = 100000, time_budget_s: float = 2400.0, learning_rate: float = 1e-3,
           cache_dir="runs/xray_cache", log=print, command: str = "", hold_out_choosing: bool = True,
@@ -78,7 +70,7 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
     start = time.time()
     aset = aasce.load_aasce(data_dir=data_dir)
     train_names, val_names = aasce.split_names(aset.names)
-    indices = training_indices(aset, train_names, hold_out_choosing)
+    indices = aasce.training_indices(aset, train_names, hold_out_choosing)
     images, points, _ = aasce.cache_dataset(aset, indices, cache_dir, log, refine.SOURCE_SHAPE)
     log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out for choices)")
     crop = (tuple(int(v) for v in crop_shape), float(vertebra_width))
