@@ -110,16 +110,17 @@ def test_shifted_chain_extrapolates_whole_pitches_beyond_the_ends():
 
 
 class _ReadsTheTruth:
-    """A stand-in end classifier: P(T1) = 0.9 on the true T1's centre, P(L5) = 0.9 on L5's,
-    0.1 elsewhere (whatever the pixels)."""
+    """A stand-in end classifier: P(name) = 0.9 on the true vertebra of that name, 0.1 elsewhere
+    (whatever the pixels)."""
 
-    def __init__(self, truth):
-        self.centres = np.asarray(truth, float).reshape(17, 4, 2).mean(axis=1)[[0, -1]]
+    def __init__(self, truth, outputs=("T1", "L5")):
+        self.outputs = outputs
+        self.centres = np.asarray(truth, float).reshape(17, 4, 2).mean(axis=1)
 
-    def readings(self, source, candidates):
+    def readings(self, source, candidates, names=("T1", "L5")):
         c = np.asarray(candidates, float).reshape(-1, 4, 2).mean(axis=1)
-        near = np.linalg.norm(c[:, None] - self.centres[None], axis=2) < 4
-        return np.where(near, 0.9, 0.1)
+        targets = self.centres[[ends.FRAMES[n] - 1 for n in names]]
+        return np.where(np.linalg.norm(c[:, None] - targets[None], axis=2) < 4, 0.9, 0.1)
 
 
 def test_shift_scores_find_the_true_levels_and_a_keep_bonus_can_overrule_them():
@@ -131,6 +132,9 @@ def test_shift_scores_find_the_true_levels_and_a_keep_bonus_can_overrule_them():
     assert shift == -1 and margin > 4  # both ends read: 2 x (logit 0.9 - logit 0.1)
     np.testing.assert_allclose(ends.shifted_chain(decoded, shift), truth, atol=1e-9)
     assert ends.choose_shift(scores, keep_bonus=margin + 1)[0] == 0
+    three = ("T1", "T12", "L5")  # a classifier that also names T12 adds its vote
+    scores3 = ends.shift_scores(lambda c: _ReadsTheTruth(truth, three).readings(None, c, three), decoded, 2, three)
+    assert ends.choose_shift(scores3)[0] == -1 and ends.choose_shift(scores3)[1] > margin
 
 
 def test_the_labeler_moves_a_shifted_chain_and_flags_a_narrow_margin():
@@ -177,3 +181,18 @@ def test_train_ends_refuses_a_crop_too_small(tmp_path):
     argv = ["xray", "train-ends", "--out", str(tmp_path / "m"), "--crop", "16", "160", "28"]
     assert cli.main(argv) != 0
     assert not (tmp_path / "m").exists()
+
+
+def test_a_t12_output_is_trained_on_t12_and_its_neighbours():
+    pts = spine_points(centre_x=320, top=200, pitch=45)
+    image = np.zeros((1280, 640), np.uint8)
+    rng = np.random.default_rng(1)
+    three = ("T1", "T12", "L5")
+    counts = np.bincount([ends_train.pick_frame(rng, three) for _ in range(3000)], minlength=19)
+    assert counts[[11, 12, 13]].min() > 100 and counts[12] > counts[5]
+    for _ in range(30):
+        state = rng.bit_generator.state
+        k = ends_train.pick_frame(rng, three)
+        rng.bit_generator.state = state
+        _, target = ends_train.sample(image, pts, rng, outputs=three)
+        assert list(target) == [k == 1, k == 12, k == 17]

@@ -37,8 +37,8 @@ def per_image(labeler, classifier, aset, index, max_shift):
     image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
     source, source_to_pixel, to_source = labeler.crop_source(radiograph, matrix)
     decoded = labeler.decode_input(image, labeler.end_reader(source, to_source))
-    read = labeler.end_reader(source, to_source, classifier)
-    scores = ends.shift_scores(read, decoded.corners, max_shift)
+    read = labeler.end_reader(source, to_source, classifier, classifier.outputs)
+    scores = ends.shift_scores(read, decoded.corners, max_shift, classifier.outputs)
     rows, refined = [], {}
     for bonus in KEEP_BONUSES:
         shift, margin = ends.choose_shift(scores, bonus)

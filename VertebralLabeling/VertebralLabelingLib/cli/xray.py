@@ -105,6 +105,8 @@ def _register_training(xsub) -> None:
     p.add_argument("--crop", type=float, nargs=3, metavar=("ROWS", "COLS", "WIDTH_PX"), default=None,
                    help="field of view: crop rows and columns, and crop pixels per vertebra width "
                         "(default 128 160 28)")
+    p.add_argument("--with-t12", action="store_true",
+                   help="also name T12, the last rib's vertebra (a third output)")
 
 
 def _refuse_existing(paths, overwrite):
@@ -183,7 +185,8 @@ def cmd_train_ends(args) -> int:
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
                  cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(),
-                 hold_out_choosing=not args.no_hold_out, **_crop_options(args.crop))
+                 hold_out_choosing=not args.no_hold_out, outputs=("T1", "T12", "L5") if args.with_t12 else ("T1", "L5"),
+                 **_crop_options(args.crop))
     print(f"saved {path}")
     return 0
 

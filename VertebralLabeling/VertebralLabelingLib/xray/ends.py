@@ -27,8 +27,12 @@ DEFAULT_MODEL = "xray-ends"
 #: side) and 5.7 wide (rib heads, iliac crests).
 CROP_SHAPE = (128, 160)
 CROP_VERTEBRA_WIDTH = 28.0
-#: The classifier's two outputs: this candidate is T1; it is L5.
+#: The classifier's outputs by default: this candidate is T1; it is L5.  A model may also name T12
+#: (the last rib's vertebra), in its metadata ``outputs``.
 OUTPUTS = ("T1", "L5")
+#: Each nameable vertebra's frame in :func:`chain_frames` (0 = C7, 1 = T1 .. 17 = L5, 18 = S1); its
+#: index in the chain T1..L5 is one less.
+FRAMES = {"T1": 1, "T12": 12, "L5": 17}
 
 
 def chain_frames(points) -> list:
@@ -54,7 +58,7 @@ def crop_geometry(meta: dict) -> tuple:
             float(meta.get("crop_vertebra_width", CROP_VERTEBRA_WIDTH)))
 
 
-def build(width: float = 1.0, crop_shape=CROP_SHAPE):
+def build(width: float = 1.0, crop_shape=CROP_SHAPE, outputs: int = len(OUTPUTS)):
     """A small CNN: crop (rows, cols, 1) -> P(T1), P(L5) (sigmoids).  The features are flattened,
     not pooled: whether the ribs or the crests are beside the *centre* vertebra is the question."""
     keras = model_lib.import_keras()
@@ -70,7 +74,7 @@ def build(width: float = 1.0, crop_shape=CROP_SHAPE):
         x = conv(conv(x, filters, stride=2), filters)
     x = layers.Flatten()(conv(x, 32))
     x = layers.Dropout(0.3)(layers.Dense(64, activation="relu")(x))
-    return keras.Model(inputs, layers.Dense(2, activation="sigmoid", name="ends")(x), name="xray_ends")
+    return keras.Model(inputs, layers.Dense(outputs, activation="sigmoid", name="ends")(x), name="xray_ends")
 
 
 is_end_classifier = model_lib.task_check(TASK, "an X-ray end-vertebra classifier")
@@ -83,19 +87,26 @@ def load(name_or_path=DEFAULT_MODEL):
 
 class EndClassifier:
     """``readings(source, candidates)``: P(T1), P(L5) of each candidate vertebra (k, 4, 2 corners
-    in source pixels), averaged with the mirrored crops' when ``flip``."""
+    in source pixels), averaged with the mirrored crops' when ``flip``; P(T12) too when the model
+    names it (``outputs``)."""
 
     def __init__(self, network, meta: dict):
         self.network = model_lib.as_network(network)
         self.meta = meta
         self.flip = bool(meta.get("tta_flip", True))
         self.crop_shape, self.vertebra_width = crop_geometry(meta)
+        self.outputs = tuple(meta.get("outputs", OUTPUTS))
 
     @classmethod
     def load(cls, name_or_path=DEFAULT_MODEL) -> "EndClassifier":
         return cls(*load(name_or_path))
 
-    def readings(self, source: np.ndarray, candidates) -> np.ndarray:
+    def readings(self, source: np.ndarray, candidates, names=OUTPUTS) -> np.ndarray:
+        """(k, len(names)): P(each named vertebra) of each candidate (default P(T1), P(L5))."""
+        columns = [self.outputs.index(n) for n in names]
+        return self._read(source, candidates)[:, columns]
+
+    def _read(self, source: np.ndarray, candidates) -> np.ndarray:
         frames = [refine.frame(v) for v in np.asarray(candidates, float).reshape(-1, 4, 2)]
         batch = np.array([xray_data.warp(source, crop_matrix(*f, self.crop_shape, self.vertebra_width),
                                          self.crop_shape) for f in frames])[..., None]
@@ -119,16 +130,18 @@ def shifted_chain(corners, shift: int) -> np.ndarray:
     return extended[k + shift: k + shift + n]
 
 
-def shift_scores(read, corners, max_shift: int) -> dict:
-    """{shift: evidence that the chain moved by ``shift`` is T1..L5}, the end classifier's
-    log-odds of its first vertebra being T1 plus those of its last being L5 (``read``: candidate
-    corners (k, 4, 2) -> (k, 2) P(T1), P(L5), as :meth:`EndClassifier.readings`)."""
+def shift_scores(read, corners, max_shift: int, names=OUTPUTS) -> dict:
+    """{shift: evidence that the chain moved by ``shift`` is T1..L5}: the classifier's log-odds of
+    its first vertebra being T1, plus those of its last being L5 (plus its T12 being T12 when
+    ``names`` has it).  ``read``: candidate corners (k, 4, 2) -> (k, len(names)) probabilities
+    (as :meth:`EndClassifier.readings` with ``names``)."""
     shifts = list(range(-max_shift, max_shift + 1))
-    chains = [shifted_chain(corners, s) for s in shifts]
-    readings = np.clip(np.asarray(read(np.array([c[0] for c in chains] + [c[-1] for c in chains]))), 1e-4, 1 - 1e-4)
-    log_odds = np.log(readings / (1 - readings))
-    m = len(shifts)
-    return {s: float(log_odds[i, 0] + log_odds[m + i, 1]) for i, s in enumerate(shifts)}
+    where = [FRAMES[n] - 1 for n in names]  # chain index of each named vertebra
+    candidates = np.array([shifted_chain(corners, s)[i] for s in shifts for i in where])
+    readings = np.clip(np.asarray(read(candidates), float), 1e-4, 1 - 1e-4).reshape(len(shifts), len(names), -1)
+    own = readings[:, np.arange(len(names)), np.arange(len(names))]  # each candidate on its own name
+    log_odds = np.log(own / (1 - own)).sum(axis=1)
+    return {s: float(v) for s, v in zip(shifts, log_odds)}
 
 
 def choose_shift(scores: dict, keep_bonus: float = 0.0) -> tuple:
@@ -158,8 +171,10 @@ class ShiftCheck:
         self.flag = str(settings.get("flag", "either"))
 
     def check(self, read, corners) -> tuple:
-        """(corners moved to the chosen shift, shift, margin) of one chain (n*4, 2 or n, 4, 2)."""
-        shift, margin = choose_shift(shift_scores(read, corners, self.max_shift), self.keep_bonus)
+        """(corners moved to the chosen shift, shift, margin) of one chain (n*4, 2 or n, 4, 2);
+        ``read`` gives the classifier's readings of candidates for all its outputs."""
+        scores = shift_scores(read, corners, self.max_shift, self.classifier.outputs)
+        shift, margin = choose_shift(scores, self.keep_bonus)
         return shifted_chain(corners, shift).reshape(-1, 2), shift, margin
 
     def unsure(self, margin: float) -> bool:

@@ -167,13 +167,14 @@ class XrayLabeler:
         source, source_to_pixel = refine.source_image(radiograph, normalized)
         return source, source_to_pixel, np.linalg.inv(source_to_pixel) @ matrix
 
-    def end_reader(self, source, to_source, classifier=None):
-        """The end classifier's readings of candidates given in input pixels (None without one)."""
+    def end_reader(self, source, to_source, classifier=None, names=ends.OUTPUTS):
+        """The end classifier's readings (``names``) of candidates given in input pixels (None
+        without one)."""
         classifier = classifier or self.end_classifier
         if classifier is None:
             return None
         return lambda candidates: classifier.readings(
-            source, xray_data.apply(to_source, np.asarray(candidates, float).reshape(-1, 2)))
+            source, xray_data.apply(to_source, np.asarray(candidates, float).reshape(-1, 2)), names)
 
     def check_shift(self, decoded: Decoded, source, to_source) -> tuple:
         """(the levels are unsure, shift) after the shift check moved ``decoded`` (in place) to the
@@ -183,7 +184,8 @@ class XrayLabeler:
         if self.shift_check is None:
             return first_stage_unsure, 0
         check = self.shift_check
-        corners, shift, margin = check.check(self.end_reader(source, to_source, check.classifier), decoded.corners)
+        read = self.end_reader(source, to_source, check.classifier, check.classifier.outputs)
+        corners, shift, margin = check.check(read, decoded.corners)
         decoded.corners = corners
         if shift:
             moved = np.zeros_like(decoded.peaks)
