@@ -131,7 +131,8 @@ def test_shift_scores_find_the_true_levels_and_a_keep_bonus_can_overrule_them():
     shift, margin = ends.choose_shift(scores)
     assert shift == -1 and margin > 4  # both ends read: 2 x (logit 0.9 - logit 0.1)
     np.testing.assert_allclose(ends.shifted_chain(decoded, shift), truth, atol=1e-9)
-    assert ends.choose_shift(scores, keep_bonus=margin + 1)[0] == 0
+    kept, support = ends.choose_shift(scores, keep_bonus=margin + 1)
+    assert kept == 0 and support < 0  # the bonus kept a chain the classifier reads worse
     three = ("T1", "T12", "L5")  # a classifier that also names T12 adds its vote
     scores3 = ends.shift_scores(lambda c: _ReadsTheTruth(truth, three).readings(None, c, three), decoded, 2, three)
     assert ends.choose_shift(scores3)[0] == -1 and ends.choose_shift(scores3)[1] > margin

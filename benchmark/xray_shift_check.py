@@ -31,7 +31,7 @@ KEEP_BONUSES = (0.0, 0.5, 1.0, 2.0, 4.0, np.inf)
 
 
 def per_image(labeler, classifier, aset, index, max_shift):
-    """Rows (bonus, SMAPE, shifted, margin, first-stage flag) of one image, one per keep bonus."""
+    """Rows (bonus, SMAPE, shifted, support, first-stage flag) of one image, one per keep bonus."""
     radiograph = xray_data.read_radiograph(aset.image_path(index))
     truth = aset.landmarks[index] * [radiograph.width, radiograph.height]
     image, matrix = xray_data.prepare_input(radiograph, labeler.shape)
@@ -55,7 +55,7 @@ def per_image(labeler, classifier, aset, index, max_shift):
 
 
 def table(labeler, classifier, aset, indices, max_shift):
-    """{bonus: array (images, 4): SMAPE, shifted, margin, first-stage flag}."""
+    """{bonus: array (images, 4): SMAPE, shifted, support, first-stage flag}."""
     out = {}
     for index in indices:
         for bonus, *row in per_image(labeler, classifier, aset, index, max_shift):
@@ -64,7 +64,7 @@ def table(labeler, classifier, aset, indices, max_shift):
 
 
 def flag_margin(rows):
-    """The smallest review margin that flags every shifted chain on its margin alone."""
+    """The smallest review margin that flags every shifted chain in ``rows`` on its support."""
     shifted = rows[:, 1] > 0
     return float(rows[shifted, 2].max()) + 1e-6 if shifted.any() else 0.0
 
@@ -94,12 +94,15 @@ def main():
         print(f"keep bonus {bonus:4}: train SMAPE {t[:, 0].mean():5.2f} %, shifted {t[:, 1].mean():5.1%} | "
               f"val SMAPE {v[:, 0].mean():5.2f} %, shifted {v[:, 1].mean():5.1%}")
     best = min(KEEP_BONUSES, key=lambda b: (tables["train"][b][:, 1].mean(), tables["train"][b][:, 0].mean()))
-    t, v = tables["train"][best], tables["val"][best]
     print(f"lowest training shift rate (then SMAPE): keep bonus {best}")
-    for either in (False, True):
-        margin = flag_margin(t[t[:, 3] == 0] if either else t)
-        print(f"flag {'margin or first stage' if either else 'margin alone'}: review margin {margin:.3f}: "
-              f"train {coverage(t, margin, either)} | val {coverage(v, margin, either)}")
+    print("flag: the classifier's support for the chain below the review margin (chosen on training images "
+          "as the highest support of a shifted chain), alone or with the first stage's rule")
+    for bonus in KEEP_BONUSES:
+        t, v = tables["train"][bonus], tables["val"][bonus]
+        for either in (False, True):
+            margin = flag_margin(t[t[:, 3] == 0] if either else t)
+            print(f"  keep bonus {bonus:4}, {'with first stage' if either else 'margin alone    '}: review margin "
+                  f"{margin:7.3f}: train {coverage(t, margin, either)} | val {coverage(v, margin, either)}")
 
 
 if __name__ == "__main__":

@@ -145,18 +145,20 @@ def shift_scores(read, corners, max_shift: int, names=OUTPUTS) -> dict:
 
 
 def choose_shift(scores: dict, keep_bonus: float = 0.0) -> tuple:
-    """(shift, margin): the best-scoring shift once the decoded chain (shift 0) gains
-    ``keep_bonus``, and how far it leads the runner-up (a small margin = the levels are unsure)."""
+    """(shift, support): the best-scoring shift once the decoded chain (shift 0) gains
+    ``keep_bonus``, and how far the classifier's own score for it leads the best other shift
+    (without the bonus; negative when the bonus kept a chain the classifier reads worse)."""
     adjusted = {s: v + (keep_bonus if s == 0 else 0.0) for s, v in scores.items()}
-    ranked = sorted(adjusted, key=adjusted.get, reverse=True)
-    margin = adjusted[ranked[0]] - adjusted[ranked[1]] if len(ranked) > 1 else np.inf
-    return ranked[0], float(margin)
+    chosen = max(adjusted, key=adjusted.get)
+    others = [v for s, v in scores.items() if s != chosen]
+    return chosen, float(scores[chosen] - max(others)) if others else np.inf
 
 
 class ShiftCheck:
     """After decoding, move the whole chain to the shift the end classifier reads best (metadata
     ``shift_check``: ``classifier`` file, ``max_shift``, ``keep_bonus`` for the decoded chain,
-    ``review_margin`` under which the levels are flagged, ``flag`` "margin" to flag on the margin
+    ``review_margin``: the levels are flagged when the classifier's support for the chosen shift is
+    below it, ``flag`` "margin" to flag on the margin
     alone or "either" to keep the first stage's rule too).
 
     Why: the first stage's level cues were trained on every training image, so their errors on
@@ -171,11 +173,11 @@ class ShiftCheck:
         self.flag = str(settings.get("flag", "either"))
 
     def check(self, read, corners) -> tuple:
-        """(corners moved to the chosen shift, shift, margin) of one chain (n*4, 2 or n, 4, 2);
-        ``read`` gives the classifier's readings of candidates for all its outputs."""
+        """(corners moved to the chosen shift, shift, its support (see :func:`choose_shift`)) of one
+        chain (n*4, 2 or n, 4, 2); ``read`` gives the classifier's readings of candidates for all its outputs."""
         scores = shift_scores(read, corners, self.max_shift, self.classifier.outputs)
-        shift, margin = choose_shift(scores, self.keep_bonus)
-        return shifted_chain(corners, shift).reshape(-1, 2), shift, margin
+        shift, support = choose_shift(scores, self.keep_bonus)
+        return shifted_chain(corners, shift).reshape(-1, 2), shift, support
 
     def unsure(self, margin: float) -> bool:
         return margin < self.review_margin
