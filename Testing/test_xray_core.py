@@ -483,3 +483,20 @@ def test_training_indices_leave_out_exactly_the_choosing_images():
     assert len(held) == 80 and len(kept) == 20 and not set(kept) & set(held)
     assert set(kept) | set(held) == set(range(100))
     assert aasce.training_indices(aset, train, hold_out_choosing=False) == list(range(100))
+
+
+def test_patient_folds_cover_the_training_split_once_and_never_split_a_patient():
+    from VertebralLabelingLib.errors import InputError
+    from VertebralLabelingLib.xray import aasce
+
+    names = [f"sunhl-1th-0{p % 9}-Jan-2017-{p} {v} AP.jpg" for p in range(60) for v in "AB"[: 1 + p % 2]]
+    held_all = []
+    for fold in range(4):
+        fit, held = aasce.fold_names(names, 4, fold)
+        assert set(fit) | set(held) == set(names) and not set(fit) & set(held)
+        assert not {aasce.patient_key(n) for n in fit} & {aasce.patient_key(n) for n in held}
+        assert 15 <= len({aasce.patient_key(n) for n in held}) <= 15  # 60 patients dealt to 4 folds
+        held_all += held
+    assert sorted(held_all) == sorted(names)  # every image is held out exactly once
+    with pytest.raises(InputError, match="fold"):
+        aasce.fold_names(names, 4, 4)

@@ -146,3 +146,17 @@ def test_continuing_copies_every_layer_and_grows_new_heads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     with pytest.raises(Exception, match="add_anchor_head"):
         network.copy_shared_weights(with_level, network.build(anchor_head=True))
+
+
+def test_a_fold_run_leaves_its_patients_out_and_says_which(tmp_path):
+    from VertebralLabelingLib.xray import aasce
+    from VertebralLabelingLib.xray import train as xray_train
+
+    synthetic_aasce(tmp_path / "aasce", n=8)
+    data = xray_train._load_data(tmp_path / "aasce", tmp_path / "cache", log=lambda m: None, folds=2, fold=1)
+    everyone, _ = aasce.split_names(aasce.load_aasce(data_dir=tmp_path / "aasce").names)
+    folds, fold, held = data["held_fold"]
+    assert (folds, fold) == (2, 1) and held and set(held) | set(data["train_names"]) == set(everyone)
+    assert len(data["images"]) == len(data["train_names"]) == len(everyone) - len(held)
+    meta = xray_train._metadata(data, tmp_path, 1, 1.0, 0, 8, 1e-3, "", None, None)
+    assert meta["fold"] == {"folds": 2, "fold": 1, "held_out_files": held}

@@ -91,6 +91,8 @@ def _register_training(xsub) -> None:
                    help="chance that a training sample is mirrored left-right (default 0)")
     p.add_argument("--augment-strength", type=float, default=1.0,
                    help="scale of the random scale, rotation and shift (default 1)")
+    p.add_argument("--folds", type=int, default=0, help="with --fold: leave out one of this many patient folds")
+    p.add_argument("--fold", type=int, default=0, help="the patient fold of the training split to leave out")
     p = _training_parser(xsub, "train-refiner", "train the second stage that refines each vertebra on a crop",
                          "xray-refine", 64, 30.0, cmd_train_refiner)
     p.add_argument("--init", help="continue from this refiner (.keras)")
@@ -236,6 +238,7 @@ def cmd_train(args) -> int:
                  learning_rate=args.learning_rate, cache_dir=args.cache_dir,
                  checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
                  command=_command_line(), init=args.init, anchor_head=args.anchor_head,
-                 flip_probability=args.flip_probability, augment_strength=args.augment_strength)
+                 flip_probability=args.flip_probability, augment_strength=args.augment_strength,
+                 folds=args.folds, fold=args.fold)
     print(f"saved {path}")
     return 0

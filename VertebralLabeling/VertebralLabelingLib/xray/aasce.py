@@ -110,6 +110,21 @@ def split_names(names, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTIO
     return [n for n in names if n not in val], [n for n in names if n in val]
 
 
+def fold_names(train_names, folds: int, fold: int, seed: int = SPLIT_SEED) -> tuple:
+    """Patient-level fold ``fold`` of ``folds`` of the training split: (names to fit, names held
+    out), both in input order.  Patients are dealt round-robin in their seeded-hash order, so the
+    folds are about equal and one patient is never on both sides.  Why: a first stage trained
+    without a fold says how its level cues and angles behave on patients it has not seen, and
+    choices can be made on those images without the bias of a model that learned them."""
+    if not 0 <= fold < folds or folds < 2:
+        raise InputError(f"fold must be in 0..{folds - 1} with at least 2 folds (got fold {fold} of {folds})")
+    keys = sorted({patient_key(n) for n in train_names},
+                  key=lambda k: hashlib.sha256(f"fold{seed}:{k}".encode()).hexdigest())
+    held_keys = set(keys[fold::folds])
+    held = [n for n in train_names if patient_key(n) in held_keys]
+    return [n for n in train_names if patient_key(n) not in held_keys], held
+
+
 #: How many training images the post-processing and flag choices are made on (``choosing_images``).
 CHOOSING_COUNT = 80
 
