@@ -160,3 +160,16 @@ def test_a_fold_run_leaves_its_patients_out_and_says_which(tmp_path):
     assert len(data["images"]) == len(data["train_names"]) == len(everyone) - len(held)
     meta = xray_train._metadata(data, tmp_path, 1, 1.0, 0, 8, 1e-3, "", None, None)
     assert meta["fold"] == {"folds": 2, "fold": 1, "held_out_files": held}
+
+
+def test_a_run_without_the_choosing_images_says_so(tmp_path, monkeypatch):
+    from VertebralLabelingLib.xray import aasce
+    from VertebralLabelingLib.xray import train as xray_train
+
+    synthetic_aasce(tmp_path / "aasce", n=8)
+    monkeypatch.setattr(aasce, "choosing_images", lambda aset, names: aset.indices_of(names[:2]))
+    data = xray_train._load_data(tmp_path / "aasce", tmp_path / "cache", log=lambda m: None, hold_out_choosing=True)
+    everyone, _ = aasce.split_names(aasce.load_aasce(data_dir=tmp_path / "aasce").names)
+    assert data["train_names"] == everyone[2:] and len(data["images"]) == len(everyone) - 2
+    meta = xray_train._metadata(data, tmp_path, 1, 1.0, 0, 8, 1e-3, "", None, None)
+    assert meta["held_out_for_choices"] == 2 and "fold" not in meta

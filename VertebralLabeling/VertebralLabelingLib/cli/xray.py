@@ -93,6 +93,8 @@ def _register_training(xsub) -> None:
                    help="scale of the random scale, rotation and shift (default 1)")
     p.add_argument("--folds", type=int, default=0, help="with --fold: leave out one of this many patient folds")
     p.add_argument("--fold", type=int, default=0, help="the patient fold of the training split to leave out")
+    p.add_argument("--hold-out-choosing", action="store_true",
+                   help="leave out the 80 training images the decoding and flag choices are made on")
     p = _training_parser(xsub, "train-refiner", "train the second stage that refines each vertebra on a crop",
                          "xray-refine", 64, 30.0, cmd_train_refiner)
     p.add_argument("--init", help="continue from this refiner (.keras)")
@@ -239,6 +241,6 @@ def cmd_train(args) -> int:
                  checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
                  command=_command_line(), init=args.init, anchor_head=args.anchor_head,
                  flip_probability=args.flip_probability, augment_strength=args.augment_strength,
-                 folds=args.folds, fold=args.fold)
+                 folds=args.folds, fold=args.fold, hold_out_choosing=args.hold_out_choosing)
     print(f"saved {path}")
     return 0

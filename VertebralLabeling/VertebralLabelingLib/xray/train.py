@@ -210,18 +210,20 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
           batch_size: int = 8, steps: int = 100000, time_budget_s: float = 2400.0,
           learning_rate: float = 2e-3, cache_dir="runs/xray_cache", checkpoint_minutes: float = 5.0,
           width: float = 1.0, log=print, command: str = "", init=None, anchor_head: bool = False,
-          flip_probability: float = 0.0, augment_strength: float = 1.0, folds: int = 0, fold: int = 0) -> Path:
+          flip_probability: float = 0.0, augment_strength: float = 1.0, folds: int = 0, fold: int = 0,
+          hold_out_choosing: bool = False) -> Path:
     """Train (or continue ``init``) for the step or time budget; returns the saved ``.keras`` path.
     ``anchor_head`` adds the T1/L5 anchor heatmaps (kept when ``init`` has them); ``flip_probability``
     and ``augment_strength`` widen the augmentation (mirrors; larger scale, rotation and shift);
-    with ``folds`` > 1, patient fold ``fold`` of the training split is left out (``aasce.fold_names``)."""
+    with ``folds`` > 1, patient fold ``fold`` of the training split is left out (``aasce.fold_names``);
+    with ``hold_out_choosing``, the 80 images choices are made on (``aasce.choosing_images``)."""
     import tensorflow as tf  # deferred: TensorFlow takes seconds to import and only training needs it
 
     keras = import_keras()
     start = time.time()
     tf.random.set_seed(seed)
     keras.utils.set_random_seed(seed)
-    data = _load_data(data_dir, cache_dir, log, folds, fold)
+    data = _load_data(data_dir, cache_dir, log, folds, fold, hold_out_choosing)
     log(f"cache ready in {time.time() - start:.0f} s")
     start_model, previous = xray_model.load_keras(init) if init else (None, None)
     anchor_head = anchor_head or (start_model is not None and len(start_model.outputs) > 3)
@@ -251,15 +253,20 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     return out_path
 
 
-def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0) -> dict:
-    """The patient-level split (less a held-out fold when ``folds`` > 1) and the cached training and
-    validation arrays."""
+def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out_choosing: bool = False) -> dict:
+    """The patient-level split (less a held-out fold when ``folds`` > 1, or the choosing images)
+    and the cached training and validation arrays."""
     aset = aasce.load_aasce(data_dir=data_dir)
     train_names, val_names = aasce.split_names(aset.names)
     held = []
     if folds > 1:
         train_names, held = aasce.fold_names(train_names, folds, fold)
         log(f"fold {fold} of {folds}: {len(held)} training images held out")
+    elif hold_out_choosing:
+        kept = set(aasce.training_indices(aset, train_names, True))
+        held = [n for n in train_names if aset.names.index(n) not in kept]
+        train_names = [n for n in train_names if aset.names.index(n) in kept]
+        log(f"{len(held)} choosing images held out")
     log(f"split (seed {aasce.SPLIT_SEED}, by patient): {len(train_names)} train, {len(val_names)} validation")
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log)
     v_images, v_points, v_sizes = aasce.cache_dataset(aset, aset.indices_of(val_names), cache_dir, log)
@@ -282,6 +289,8 @@ def _metadata(data, data_dir, n_params, width, seed, batch_size, learning_rate, 
     folds, fold, held = data.get("held_fold", (0, 0, []))
     if folds > 1:
         meta["fold"] = {"folds": folds, "fold": fold, "held_out_files": held}
+    elif held:
+        meta["held_out_for_choices"] = len(held)
     if previous is not None:
         meta["initialised_from"] = {"model": str(init), "steps": previous.get("steps"),
                                     "train_minutes": previous.get("train_minutes"),
