@@ -204,3 +204,27 @@ def test_wrong_kind_of_model(tmp_path):
         XrayLabeler.load(tmp_path / "nometa.keras")
     with pytest.raises(ModelError, match="not found"):
         XrayLabeler.load("no-such-bundled-model")
+
+
+def test_a_model_naming_a_shift_check_loads_it_and_labels(validation, tmp_path):
+    """Metadata ``shift_check`` loads its end classifier beside the model; ``label`` then reads
+    the shifted chains and still returns 68 corners and a consistent review flag."""
+    from VertebralLabelingLib.io.models import models_dir, save
+    from VertebralLabelingLib.xray import ends
+    from VertebralLabelingLib.xray.label import XrayLabeler
+
+    for suffix in (".onnx", ".json"):
+        shutil.copy(models_dir() / f"xray-compact{suffix}", tmp_path / f"xray-compact{suffix}")
+    shutil.copy(models_dir() / "xray-refine.onnx", tmp_path / "xray-refine.onnx")
+    shutil.copy(models_dir() / "xray-refine.json", tmp_path / "xray-refine.json")
+    save(ends.build(crop_shape=(96, 128), outputs=3), {"task": ends.TASK, "architecture": ends.ARCHITECTURE,
+         "input_shape": [96, 128], "crop_vertebra_width": 20.0, "outputs": ["T1", "T12", "L5"]}, tmp_path, "ends")
+    meta = json.loads((tmp_path / "xray-compact.json").read_text())
+    meta["shift_check"] = {"classifier": "ends", "max_shift": 1, "review_margin": 1e9, "flag": "margin"}
+    (tmp_path / "xray-compact.json").write_text(json.dumps(meta))
+    labeler = XrayLabeler.load(tmp_path / "xray-compact.onnx")
+    assert labeler.shift_check is not None and labeler.shift_check.classifier.outputs == ("T1", "T12", "L5")
+    aset, indices = validation
+    result = labeler.label(xray_data.read_radiograph(aset.image_path(indices[0])))
+    assert result.points_px.shape == (68, 2) and np.all(np.isfinite(result.points_px))
+    assert result.uncertain_levels == ["T1", "L5"]  # a margin no chain can reach: always flagged
