@@ -471,32 +471,3 @@ def test_markups_mark_the_vertebrae_whose_level_is_to_be_checked(tmp_path):
     assert all(xray_export.LEVEL_REVIEW in p["description"] and not p["selected"] for p in points[:4])
     assert all("REVIEW" not in p["description"] and p["selected"] for p in points[4:])
 
-
-def test_training_indices_leave_out_exactly_the_choosing_images():
-    from VertebralLabelingLib.xray import aasce
-
-    names = [f"p{i}-{i} A AP.jpg" for i in range(120)]
-    aset = aasce.AasceSet(Path("."), names, np.zeros((120, 68, 2)), None)
-    train = names[:100]
-    held = aasce.choosing_images(aset, train, count=80)
-    kept = aasce.training_indices(aset, train, hold_out_choosing=True)
-    assert len(held) == 80 and len(kept) == 20 and not set(kept) & set(held)
-    assert set(kept) | set(held) == set(range(100))
-    assert aasce.training_indices(aset, train, hold_out_choosing=False) == list(range(100))
-
-
-def test_patient_folds_cover_the_training_split_once_and_never_split_a_patient():
-    from VertebralLabelingLib.errors import InputError
-    from VertebralLabelingLib.xray import aasce
-
-    names = [f"sunhl-1th-0{p % 9}-Jan-2017-{p} {v} AP.jpg" for p in range(60) for v in "AB"[: 1 + p % 2]]
-    held_all = []
-    for fold in range(4):
-        fit, held = aasce.fold_names(names, 4, fold)
-        assert set(fit) | set(held) == set(names) and not set(fit) & set(held)
-        assert not {aasce.patient_key(n) for n in fit} & {aasce.patient_key(n) for n in held}
-        assert 15 <= len({aasce.patient_key(n) for n in held}) <= 15  # 60 patients dealt to 4 folds
-        held_all += held
-    assert sorted(held_all) == sorted(names)  # every image is held out exactly once
-    with pytest.raises(InputError, match="fold"):
-        aasce.fold_names(names, 4, 4)

@@ -143,44 +143,56 @@ def test_the_labeler_moves_a_shifted_chain_and_flags_a_narrow_margin():
     from VertebralLabelingLib.xray.label import XrayLabeler
 
     truth = spine_points(centre_x=150, top=80, pitch=32).reshape(17, 4, 2)
-    identity, source = np.eye(3), np.zeros((600, 300), np.float32)
-    for margin, flagged in ((1.0, False), (100.0, True)):
+    identity, source, peaks = np.eye(3), np.zeros((600, 300), np.float32), np.linspace(0.5, 0.9, 17)
+    for decoded_shift, margin, flagged in ((-1, 1.0, False), (-1, 100.0, True), (1, 1.0, False)):
         check = ends.ShiftCheck(_ReadsTheTruth(truth), {"max_shift": 1, "review_margin": margin, "flag": "margin"})
         labeler = XrayLabeler(model=None, meta={}, shift_check=check)
-        decoded = Decoded(ends.shifted_chain(truth, -1).reshape(-1, 2), np.linspace(0.5, 0.9, 17))
+        decoded = Decoded(ends.shifted_chain(truth, decoded_shift).reshape(-1, 2), peaks.copy())
         unsure, shift = labeler.check_shift(decoded, source, identity)
-        assert shift == 1 and unsure is flagged
+        assert shift == -decoded_shift and unsure is flagged
         np.testing.assert_allclose(decoded.corners.reshape(17, 4, 2), truth, atol=1e-9)
-        assert decoded.peaks[-1] == 0.0  # the extrapolated L5 was not found by the first stage
-        np.testing.assert_allclose(decoded.peaks[:-1], np.linspace(0.5, 0.9, 17)[1:])
+        if shift == 1:  # moved caudally: the extrapolated L5 was not found by the first stage
+            assert decoded.peaks[-1] == 0.0
+            np.testing.assert_allclose(decoded.peaks[:-1], peaks[1:])
+        else:  # moved cranially: the extrapolated T1
+            assert decoded.peaks[0] == 0.0
+            np.testing.assert_allclose(decoded.peaks[1:], peaks[:-1])
     plain = Decoded(truth.reshape(-1, 2), np.ones(17))
     assert XrayLabeler(model=None, meta={}).check_shift(plain, None, None) == (False, 0)
+
+
+def test_a_tie_keeps_the_decoded_chain():
+    assert ends.choose_shift({-1: 2.0, 0: 2.0, 1: 2.0}) == (0, 0.0)
 
 
 def test_the_classifier_crops_the_field_of_view_its_metadata_names():
     from VertebralLabelingLib.io.models import Network
 
-    class Shapes(Network):
-        seen = []
+    class Columns(Network):
+        def __init__(self):
+            self.seen = []
 
         def run(self, batch):
             self.seen.append(batch.shape)
-            return [np.full((len(batch), 2), 0.5, np.float32)]
+            return [np.tile(np.float32([0.1, 0.2, 0.3]), (len(batch), 1))]
 
-    network = Shapes()
+    network = Columns()
     classifier = ends.EndClassifier(network, {"input_shape": [96, 128], "crop_vertebra_width": 20.0,
-                                              "tta_flip": False})
+                                              "tta_flip": False, "outputs": ["T1", "T12", "L5"]})
     boxes = spine_points(centre_x=150, top=80, pitch=32).reshape(17, 4, 2)[:3]
-    assert classifier.readings(np.zeros((600, 300), np.float32), boxes).shape == (3, 2)
-    assert network.seen == [(3, 96, 128, 1)]
+    source = np.zeros((600, 300), np.float32)
+    np.testing.assert_allclose(classifier.readings(source, boxes), [[0.1, 0.3]] * 3)  # T1, L5 by default
+    np.testing.assert_allclose(classifier.readings(source, boxes, ("T12",)), [[0.2]] * 3)
+    assert network.seen == [(3, 96, 128, 1)] * 2
     assert ends.crop_geometry({}) == (ends.CROP_SHAPE, ends.CROP_VERTEBRA_WIDTH)
 
 
-def test_train_ends_refuses_a_crop_too_small(tmp_path):
+def test_train_ends_refuses_a_crop_too_small(tmp_path, capsys):
     from VertebralLabelingLib import cli
 
     argv = ["xray", "train-ends", "--out", str(tmp_path / "m"), "--crop", "16", "160", "28"]
     assert cli.main(argv) != 0
+    assert "--crop needs ROWS and COLS of at least 32" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
 

@@ -232,9 +232,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _check_held_out(args) -> None:
+    """Refuse fold options that would otherwise be ignored."""
+    if args.folds or args.fold:
+        if args.folds < 2 or not 0 <= args.fold < args.folds:
+            raise InputError(f"--folds needs at least 2 folds and --fold in 0..folds-1 (got {args.folds}, {args.fold})")
+        if args.hold_out_choosing:
+            raise InputError("--folds and --hold-out-choosing hold out different images: give one of them")
+
+
 def cmd_train(args) -> int:
     from ..xray.train import train
 
+    _check_held_out(args)
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60,
                  learning_rate=args.learning_rate, cache_dir=args.cache_dir,

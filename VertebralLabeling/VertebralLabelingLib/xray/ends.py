@@ -59,7 +59,7 @@ def crop_geometry(meta: dict) -> tuple:
 
 
 def build(width: float = 1.0, crop_shape=CROP_SHAPE, outputs: int = len(OUTPUTS)):
-    """A small CNN: crop (rows, cols, 1) -> P(T1), P(L5) (sigmoids).  The features are flattened,
+    """A small CNN: crop (rows, cols, 1) -> P(each of ``outputs`` names) (sigmoids).  The features are flattened,
     not pooled: whether the ribs or the crests are beside the *centre* vertebra is the question."""
     keras = model_lib.import_keras()
     layers = keras.layers
@@ -137,7 +137,7 @@ def shift_scores(read, corners, max_shift: int, names=OUTPUTS) -> dict:
     (as :meth:`EndClassifier.readings` with ``names``)."""
     shifts = list(range(-max_shift, max_shift + 1))
     where = [FRAMES[n] - 1 for n in names]  # chain index of each named vertebra
-    candidates = np.array([shifted_chain(corners, s)[i] for s in shifts for i in where])
+    candidates = np.concatenate([shifted_chain(corners, s)[where] for s in shifts])
     readings = np.clip(np.asarray(read(candidates), float), 1e-4, 1 - 1e-4).reshape(len(shifts), len(names), -1)
     own = readings[:, np.arange(len(names)), np.arange(len(names))]  # each candidate on its own name
     log_odds = np.log(own / (1 - own)).sum(axis=1)
@@ -149,7 +149,7 @@ def choose_shift(scores: dict, keep_bonus: float = 0.0) -> tuple:
     ``keep_bonus``, and how far the classifier's own score for it leads the best other shift
     (without the bonus; negative when the bonus kept a chain the classifier reads worse)."""
     adjusted = {s: v + (keep_bonus if s == 0 else 0.0) for s, v in scores.items()}
-    chosen = max(adjusted, key=adjusted.get)
+    chosen = max(adjusted, key=lambda s: (adjusted[s], s == 0))  # a tie keeps the decoded chain
     others = [v for s, v in scores.items() if s != chosen]
     return chosen, float(scores[chosen] - max(others)) if others else np.inf
 
@@ -179,5 +179,6 @@ class ShiftCheck:
         shift, support = choose_shift(scores, self.keep_bonus)
         return shifted_chain(corners, shift).reshape(-1, 2), shift, support
 
-    def unsure(self, margin: float) -> bool:
-        return margin < self.review_margin
+    def unsure(self, support: float) -> bool:
+        """True when the classifier's support for the chosen chain is too small to vouch for it."""
+        return support < self.review_margin

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ModelError
 from ..io import models as model_lib
 from . import data as xray_data
 from . import ends, refine
@@ -108,6 +109,8 @@ class XrayLabeler:
         check = meta.get("shift_check")
         shift_check = None
         if check:
+            if not isinstance(check, dict) or not check.get("classifier"):
+                raise ModelError(f"{path}: metadata shift_check must name its end classifier ('classifier').")
             shift_check = ends.ShiftCheck(ends.EndClassifier.load(model_lib.companion_path(path, check["classifier"])),
                                           check)
         return cls(network, meta, companion(refine.Refiner, "refiner"), companion(ends.EndClassifier, "end_classifier"),
@@ -161,7 +164,8 @@ class XrayLabeler:
 
     def crop_source(self, radiograph: Radiograph, matrix, normalized=None) -> tuple:
         """(source image, its source->original-pixel matrix, the input->source matrix) that the
-        refiner and the end classifier crop from, made once (all None when the model has neither)."""
+        refiner, the end classifier and the shift check crop from, made once (all None when the
+        model has none of them)."""
         if self.refiner is None and self.end_classifier is None and self.shift_check is None:
             return None, None, None
         source, source_to_pixel = refine.source_image(radiograph, normalized)
@@ -219,8 +223,10 @@ class XrayLabeler:
             progress(0.9, "Computing Cobb angles")
         result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph)
         if unsure:
-            # the first stage's rule names its weak end; the shift check does not say which end
-            named = first_stage_ends if first_stage_ends and not shift else (0, N_VERTEBRAE - 1)
+            # the first stage's rule names its weak end (when it is in force and the chain stayed);
+            # the shift check does not say which end is wrong
+            first_stage_rules = self.shift_check is None or self.shift_check.flag == "either"
+            named = first_stage_ends if first_stage_ends and first_stage_rules and not shift else (0, N_VERTEBRAE - 1)
             result.level_review[list(named)] = True
         if result.level_uncertain:
             result.warnings.append(f"{LEVEL_WARNING} (check {' and '.join(result.uncertain_levels)})")

@@ -264,8 +264,9 @@ def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out
         log(f"fold {fold} of {folds}: {len(held)} training images held out")
     elif hold_out_choosing:
         kept = set(aasce.training_indices(aset, train_names, True))
-        held = [n for n in train_names if aset.names.index(n) not in kept]
-        train_names = [n for n in train_names if aset.names.index(n) in kept]
+        index = dict(zip(train_names, aset.indices_of(train_names)))
+        held = [n for n in train_names if index[n] not in kept]
+        train_names = [n for n in train_names if index[n] in kept]
         log(f"{len(held)} choosing images held out")
     log(f"split (seed {aasce.SPLIT_SEED}, by patient): {len(train_names)} train, {len(val_names)} validation")
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log)
