@@ -76,6 +76,9 @@ def _training_parser(xsub, command, help_text, name, batch_size, budget_min, han
     p.add_argument("--time-budget-min", type=float, default=budget_min)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--cache-dir", default="runs/xray_cache", help="where preprocessed arrays are cached")
+    p.add_argument("--labels-as-stored", action="store_true",
+                   help="train on the label chains as stored, even those out of top-to-bottom order "
+                        "(as the shipped models were); by default they are put in order or left out")
     p.set_defaults(handler=handler)
     return p
 
@@ -178,7 +181,8 @@ def cmd_train_refiner(args) -> int:
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
                  cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(), init=args.init,
-                 head=args.head, hold_out_choosing=args.hold_out_choosing)
+                 head=args.head, hold_out_choosing=args.hold_out_choosing,
+                 repair_labels=not args.labels_as_stored)
     print(f"saved {path}")
     return 0
 
@@ -189,7 +193,8 @@ def cmd_train_ends(args) -> int:
     path = train(args.out, args.data, name=args.name, seed=args.seed, batch_size=args.batch_size,
                  steps=args.steps, time_budget_s=args.time_budget_min * 60, learning_rate=args.learning_rate,
                  cache_dir=args.cache_dir, log=lambda m: print(m, flush=True), command=_command_line(),
-                 hold_out_choosing=not args.no_hold_out, outputs=("T1", "T12", "L5") if args.with_t12 else ("T1", "L5"),
+                 hold_out_choosing=not args.no_hold_out, repair_labels=not args.labels_as_stored,
+                 outputs=("T1", "T12", "L5") if args.with_t12 else ("T1", "L5"),
                  **_crop_options(args.crop))
     print(f"saved {path}")
     return 0
@@ -251,6 +256,7 @@ def cmd_train(args) -> int:
                  checkpoint_minutes=args.checkpoint_minutes, log=lambda m: print(m, flush=True),
                  command=_command_line(), init=args.init, anchor_head=args.anchor_head,
                  flip_probability=args.flip_probability, augment_strength=args.augment_strength,
-                 folds=args.folds, fold=args.fold, hold_out_choosing=args.hold_out_choosing)
+                 folds=args.folds, fold=args.fold, hold_out_choosing=args.hold_out_choosing,
+                 repair_labels=not args.labels_as_stored)
     print(f"saved {path}")
     return 0

@@ -38,6 +38,9 @@ class AasceSet:
     names: list
     landmarks: np.ndarray  # (n, 68, 2) x / width, y / height
     angles: np.ndarray | None  # (n, 3) degrees, or None without angles.csv
+    #: Names whose labelled chain does not run top to bottom and could not be put in order (see
+    #: :func:`repair_order`); filled by ``load_aasce(repair=True)``.
+    broken: tuple = ()
 
     def image_path(self, index: int) -> Path:
         return self.images_dir / self.names[index]
@@ -50,8 +53,10 @@ class AasceSet:
         return [where[n] for n in names]
 
 
-def load_aasce(images_dir=None, labels_dir=None, data_dir=None) -> AasceSet:
-    """Read an AASCE-layout folder (see module docstring); ``data_dir`` = parent of both."""
+def load_aasce(images_dir=None, labels_dir=None, data_dir=None, repair: bool = False) -> AasceSet:
+    """Read an AASCE-layout folder (see module docstring); ``data_dir`` = parent of both.  With
+    ``repair``, chains stored out of order are put in order (:func:`repair_order`) and the ones
+    that cannot be are named in ``broken`` (trainers leave them out)."""
     if data_dir is not None:
         images_dir, labels_dir = Path(data_dir) / "images", Path(data_dir) / "labels"
     if images_dir is None or labels_dir is None:
@@ -78,7 +83,42 @@ def load_aasce(images_dir=None, labels_dir=None, data_dir=None) -> AasceSet:
         angles = np.loadtxt(labels_dir / "angles.csv", delimiter=",", ndmin=2)
         if angles.shape != (len(names), 3):
             raise InputError(f"angles.csv has shape {angles.shape}; expected ({len(names)}, 3).")
-    return AasceSet(images_dir, names, landmarks, angles)
+    if not repair:
+        return AasceSet(images_dir, names, landmarks, angles)
+    repaired = [repair_order(points) for points in landmarks]
+    broken = tuple(n for n, r in zip(names, repaired) if r is None)
+    landmarks = np.stack([p if r is None else r for p, r in zip(landmarks, repaired)])
+    return AasceSet(images_dir, names, landmarks, angles, broken)
+
+
+def order_status(points) -> str:
+    """Whether a labelled chain (68 corners) runs top to bottom: "ok"; "rotated" when only its
+    last vertebra (L5) is stored above its first (T1) and the other 16 run top to bottom; else
+    "broken".
+
+    Why: in 18 of the 481 AASCE training images the top vertebra of the labelled chain is stored
+    last, about one level above "T1" (and the "L4" sits where L5 usually is, above the sacrum):
+    the labels name every vertebra one level too high there.  In 6 more one vertebra is stored
+    somewhere else in the chain.  Trained as they are, they teach the level cues that L5 can be at
+    the top of the image; measured as they are, a model that is right looks one level off."""
+    y = np.asarray(points, float).reshape(-1, 4, 2).mean(axis=1)[:, 1]
+    if np.all(np.diff(y) > 0):
+        return "ok"
+    if y[-1] < y[0] and np.all(np.diff(y[:-1]) > 0):
+        return "rotated"
+    return "broken"
+
+
+def repair_order(points):
+    """The chain put top to bottom: a "rotated" chain's last vertebra moved to the front (it is
+    T1, and every other vertebra moves down one name); an "ok" chain as it is; None when "broken"."""
+    status = order_status(points)
+    if status == "broken":
+        return None
+    chain = np.asarray(points, float).reshape(-1, 4, 2)
+    if status == "rotated":
+        chain = np.concatenate([chain[-1:], chain[:-1]])
+    return chain.reshape(np.shape(points))
 
 
 def patient_key(name: str) -> str:
@@ -141,8 +181,9 @@ def choosing_images(aset: "AasceSet", train_names, count: int = CHOOSING_COUNT) 
 def training_indices(aset: "AasceSet", train_names, hold_out_choosing: bool) -> list:
     """Indices of the training images a model learns from: all of the training split, or (with
     ``hold_out_choosing``) all but the 80 that choices are made on, so those choices are made on
-    images the model has not seen."""
-    indices = aset.indices_of(train_names)
+    images the model has not seen; never a chain whose order is broken (``aset.broken``)."""
+    broken = set(aset.indices_of(aset.broken))
+    indices = [i for i in aset.indices_of(train_names) if i not in broken]
     if not hold_out_choosing:
         return indices
     held = set(choosing_images(aset, train_names))
@@ -163,7 +204,9 @@ def cache_dataset(aset: AasceSet, indices, cache_dir, log=print, shape=CACHE_SHA
     of the originals.  Stored in ``cache_dir`` as .npy keyed by the file list.
     """
     cache_dir = Path(cache_dir)
-    key = hashlib.sha256(("\n".join(aset.names[i] for i in indices) + f"{tuple(shape)}").encode()).hexdigest()[:12]
+    digest = hashlib.sha256(("\n".join(aset.names[i] for i in indices) + f"{tuple(shape)}").encode())
+    digest.update(np.ascontiguousarray(aset.landmarks[list(indices)], np.float64).tobytes())  # repaired labels
+    key = digest.hexdigest()[:12]
     files = [cache_dir / f"xray_{key}_{part}.npy" for part in ("images", "points", "sizes")]
     if all(f.exists() for f in files):
         return tuple(np.load(f) for f in files)

@@ -68,18 +68,20 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
           steps: int = 100000, time_budget_s: float = 2400.0, learning_rate: float = 1e-3,
           cache_dir="runs/xray_cache", log=print, command: str = "", hold_out_choosing: bool = True,
           crop_shape=ends.CROP_SHAPE, vertebra_width: float = ends.CROP_VERTEBRA_WIDTH,
-          outputs=ends.OUTPUTS) -> Path:
+          outputs=ends.OUTPUTS, repair_labels: bool = True) -> Path:
     """Train an end classifier for the step or time budget; writes NAME.keras/.onnx/.json.
     ``crop_shape`` and ``vertebra_width`` (crop pixels per vertebra width) set its field of view,
-    ``outputs`` the vertebrae it names (T1 and L5, optionally T12, the last rib's)."""
+    ``outputs`` the vertebrae it names (T1 and L5, optionally T12, the last rib's); ``repair_labels``
+    puts label chains stored out of order in order and leaves out the broken ones (``aasce.repair_order``)."""
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     start = time.time()
-    aset = aasce.load_aasce(data_dir=data_dir)
+    aset = aasce.load_aasce(data_dir=data_dir, repair=repair_labels)
     train_names, val_names = aasce.split_names(aset.names)
     indices = aasce.training_indices(aset, train_names, hold_out_choosing)
     images, points, _ = aasce.cache_dataset(aset, indices, cache_dir, log, refine.SOURCE_SHAPE)
-    log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out for choices)")
+    log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out: choosing images, "
+        "label chains out of order)")
     crop = (tuple(int(v) for v in crop_shape), float(vertebra_width))
     outputs = tuple(outputs)
     unknown = [o for o in outputs if o not in ends.FRAMES]
@@ -94,8 +96,10 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
             "parameters": count_parameters(model), "seed": seed, "batch_size": batch_size,
             "learning_rate": learning_rate, "steps": callback.steps, "train_minutes": round(callback.minutes, 1),
             "version": __version__, "data": str(data_dir), "split_seed": aasce.SPLIT_SEED,
-            "n_train": len(indices), "n_val": len(val_names), "held_out_for_choices": len(train_names) - len(indices),
-            "command": command, "tta_flip": True, "architecture": ends.ARCHITECTURE, "task": ends.TASK}
+            "n_train": len(indices), "n_val": len(val_names),
+            "held_out_for_choices": aasce.CHOOSING_COUNT if hold_out_choosing else 0,
+            "command": command, "labels_repaired": repair_labels, "tta_flip": True,
+            "architecture": ends.ARCHITECTURE, "task": ends.TASK}
     path = save(model, meta, out_dir, name)
     export_after_training(path, log)
     write_json(Path(out_dir) / f"{name}.history.json", callback.history)

@@ -69,14 +69,14 @@ def tilt_error(predict, images, points, seed: int = 0, per_image: int = 17) -> t
 def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, batch_size: int = 64,
           steps: int = 100000, time_budget_s: float = 1800.0, learning_rate: float = 2e-3,
           cache_dir="runs/xray_cache", log=print, command: str = "", init=None, head: str = "dense",
-          hold_out_choosing: bool = False) -> Path:
+          hold_out_choosing: bool = False, repair_labels: bool = True) -> Path:
     """Train a refiner (or continue ``init``, a refiner ``.keras`` with the same ``head``) for the
     step or time budget; with ``hold_out_choosing``, without the 80 choosing images (to choose a
-    design on images the refiner has not seen)."""
+    design on images the refiner has not seen); ``repair_labels`` as in ``ends_train.train``."""
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     start = time.time()
-    aset = aasce.load_aasce(data_dir=data_dir)
+    aset = aasce.load_aasce(data_dir=data_dir, repair=repair_labels)
     train_names, val_names = aasce.split_names(aset.names)
     indices = aasce.training_indices(aset, train_names, hold_out_choosing)
     images, points, _ = aasce.cache_dataset(aset, indices, cache_dir, log, refine.SOURCE_SHAPE)
@@ -95,7 +95,7 @@ def train(out_dir, data_dir, name: str = refine.DEFAULT_MODEL, seed: int = 0, ba
             "learning_rate": learning_rate, "steps": callback.steps, "train_minutes": round(callback.minutes, 1),
             "version": __version__, "data": str(data_dir), "split_seed": aasce.SPLIT_SEED,
             "n_train": len(indices), "n_val": len(val_names), "command": command,
-            "held_out_for_choices": len(train_names) - len(indices),
+            "held_out_for_choices": aasce.CHOOSING_COUNT if hold_out_choosing else 0, "labels_repaired": repair_labels,
             "validation_tilt_error_deg": {"perturbed": round(before, 2), "refined": round(after, 2)},
             "tta_flip": True, "passes": 1, "head": head, "architecture": refine.ARCHITECTURE, "task": refine.TASK,
             "initialised_from": str(init) if init else None}

@@ -211,19 +211,20 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
           learning_rate: float = 2e-3, cache_dir="runs/xray_cache", checkpoint_minutes: float = 5.0,
           width: float = 1.0, log=print, command: str = "", init=None, anchor_head: bool = False,
           flip_probability: float = 0.0, augment_strength: float = 1.0, folds: int = 0, fold: int = 0,
-          hold_out_choosing: bool = False) -> Path:
+          hold_out_choosing: bool = False, repair_labels: bool = True) -> Path:
     """Train (or continue ``init``) for the step or time budget; returns the saved ``.keras`` path.
     ``anchor_head`` adds the T1/L5 anchor heatmaps (kept when ``init`` has them); ``flip_probability``
     and ``augment_strength`` widen the augmentation (mirrors; larger scale, rotation and shift);
     with ``folds`` > 1, patient fold ``fold`` of the training split is left out (``aasce.fold_names``);
-    with ``hold_out_choosing``, the 80 images choices are made on (``aasce.choosing_images``)."""
+    with ``hold_out_choosing``, the 80 images choices are made on (``aasce.choosing_images``);
+    ``repair_labels`` puts label chains stored out of order in order and leaves out the broken ones."""
     import tensorflow as tf  # deferred: TensorFlow takes seconds to import and only training needs it
 
     keras = import_keras()
     start = time.time()
     tf.random.set_seed(seed)
     keras.utils.set_random_seed(seed)
-    data = _load_data(data_dir, cache_dir, log, folds, fold, hold_out_choosing)
+    data = _load_data(data_dir, cache_dir, log, folds, fold, hold_out_choosing, repair_labels)
     log(f"cache ready in {time.time() - start:.0f} s")
     start_model, previous = xray_model.load_keras(init) if init else (None, None)
     anchor_head = anchor_head or (start_model is not None and len(start_model.outputs) > 3)
@@ -253,11 +254,15 @@ def train(out_dir, data_dir, name: str = xray_model.DEFAULT_MODEL, seed: int = 0
     return out_path
 
 
-def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out_choosing: bool = False) -> dict:
+def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out_choosing: bool = False,
+               repair_labels: bool = False) -> dict:
     """The patient-level split (less a held-out fold when ``folds`` > 1, or the choosing images)
     and the cached training and validation arrays."""
-    aset = aasce.load_aasce(data_dir=data_dir)
+    aset = aasce.load_aasce(data_dir=data_dir, repair=repair_labels)
     train_names, val_names = aasce.split_names(aset.names)
+    if aset.broken:
+        train_names = [n for n in train_names if n not in aset.broken]
+        log(f"{len(aset.broken)} label chains out of order and not repairable left out")
     held = []
     if folds > 1:
         train_names, held = aasce.fold_names(train_names, folds, fold)
@@ -272,6 +277,7 @@ def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log)
     v_images, v_points, v_sizes = aasce.cache_dataset(aset, aset.indices_of(val_names), cache_dir, log)
     return {"train_names": train_names, "val_names": val_names, "held_fold": (folds, fold, held),
+            "labels_repaired": repair_labels,
             "images": images, "points": points,
             "v_images": v_images, "v_points": v_points, "v_sizes": v_sizes}
 
@@ -287,6 +293,7 @@ def _metadata(data, data_dir, n_params, width, seed, batch_size, learning_rate, 
         "validation_files": data["val_names"], "command": command,
         "source": "AASCE 2019 training release (SpineWeb dataset 16; Wu et al., MICCAI 2017)",
     }
+    meta["labels_repaired"] = bool(data.get("labels_repaired", False))
     folds, fold, held = data.get("held_fold", (0, 0, []))
     if folds > 1:
         meta["fold"] = {"folds": folds, "fold": fold, "held_out_files": held}
