@@ -173,3 +173,24 @@ def test_a_run_without_the_choosing_images_says_so(tmp_path, monkeypatch):
     assert data["train_names"] == everyone[2:] and len(data["images"]) == len(everyone) - 2
     meta = xray_train._metadata(data, tmp_path, 1, 1.0, 0, 8, 1e-3, "", None, None)
     assert meta["held_out_for_choices"] == 2 and "fold" not in meta
+
+
+def test_the_choosing_images_held_out_do_not_depend_on_broken_labels(tmp_path, monkeypatch):
+    """Leaving out broken label chains must not change which images are held out for choices
+    (they are drawn from the whole training split, as the benchmarks draw them)."""
+    from VertebralLabelingLib.xray import aasce
+    from VertebralLabelingLib.xray import train as xray_train
+
+    synthetic_aasce(tmp_path / "aasce", n=8)
+    monkeypatch.setattr(aasce, "choosing_images", lambda aset, names: aset.indices_of(names[-2:]))
+    real = aasce.load_aasce
+
+    def with_broken(**kwargs):
+        aset = real(**kwargs)
+        aset.broken = (aasce.split_names(aset.names)[0][0],)
+        return aset
+    monkeypatch.setattr(aasce, "load_aasce", with_broken)
+    data = xray_train._load_data(tmp_path / "aasce", tmp_path / "cache", log=lambda m: None, hold_out_choosing=True)
+    everyone, _ = aasce.split_names(real(data_dir=tmp_path / "aasce").names)
+    assert data["held_fold"][2] == everyone[-2:]  # the same two, broken chain or not
+    assert data["train_names"] == everyone[1:-2]

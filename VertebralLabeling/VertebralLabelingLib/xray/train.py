@@ -260,19 +260,17 @@ def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out
     and the cached training and validation arrays."""
     aset = aasce.load_aasce(data_dir=data_dir, repair=repair_labels)
     train_names, val_names = aasce.split_names(aset.names)
-    if aset.broken:
-        train_names = [n for n in train_names if n not in aset.broken]
-        log(f"{len(aset.broken)} label chains out of order and not repairable left out")
-    held = []
+    held = []  # chosen on the whole training split, so folds and choosing images match the benchmarks'
     if folds > 1:
         train_names, held = aasce.fold_names(train_names, folds, fold)
         log(f"fold {fold} of {folds}: {len(held)} training images held out")
     elif hold_out_choosing:
-        kept = set(aasce.training_indices(aset, train_names, True))
-        index = dict(zip(train_names, aset.indices_of(train_names)))
-        held = [n for n in train_names if index[n] not in kept]
-        train_names = [n for n in train_names if index[n] in kept]
+        held = [aset.names[i] for i in aasce.choosing_images(aset, train_names)]
+        train_names = [n for n in train_names if n not in set(held)]
         log(f"{len(held)} choosing images held out")
+    if aset.broken:
+        train_names = [n for n in train_names if n not in aset.broken]
+        log(f"{len(aset.broken)} label chains out of order and not repairable left out")
     log(f"split (seed {aasce.SPLIT_SEED}, by patient): {len(train_names)} train, {len(val_names)} validation")
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log)
     v_images, v_points, v_sizes = aasce.cache_dataset(aset, aset.indices_of(val_names), cache_dir, log)
