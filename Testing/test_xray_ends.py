@@ -148,8 +148,9 @@ def test_the_labeler_moves_a_shifted_chain_and_flags_a_narrow_margin():
         check = ends.ShiftCheck(_ReadsTheTruth(truth), {"max_shift": 1, "review_margin": margin, "flag": "margin"})
         labeler = XrayLabeler(model=None, meta={}, shift_check=check)
         decoded = Decoded(ends.shifted_chain(truth, decoded_shift).reshape(-1, 2), peaks.copy())
-        unsure, shift = labeler.check_shift(decoded, source, identity)
-        assert shift == -decoded_shift and unsure is flagged
+        review_ends, shift = labeler.check_shift(decoded, source, identity)
+        assert shift == -decoded_shift and bool(review_ends) is flagged
+        assert review_ends in ((), (0, 16))  # the shift check names both ends
         np.testing.assert_allclose(decoded.corners.reshape(17, 4, 2), truth, atol=1e-9)
         if shift == 1:  # moved caudally: the extrapolated L5 was not found by the first stage
             assert decoded.peaks[-1] == 0.0
@@ -158,7 +159,7 @@ def test_the_labeler_moves_a_shifted_chain_and_flags_a_narrow_margin():
             assert decoded.peaks[0] == 0.0
             np.testing.assert_allclose(decoded.peaks[1:], peaks[:-1])
     plain = Decoded(truth.reshape(-1, 2), np.ones(17))
-    assert XrayLabeler(model=None, meta={}).check_shift(plain, None, None) == (False, 0)
+    assert XrayLabeler(model=None, meta={}).check_shift(plain, None, None) == ((), 0)
 
 
 def test_a_tie_keeps_the_decoded_chain():

@@ -73,6 +73,10 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
     ``crop_shape`` and ``vertebra_width`` (crop pixels per vertebra width) set its field of view,
     ``outputs`` the vertebrae it names (T1 and L5, optionally T12, the last rib's); ``repair_labels``
     puts label chains stored out of order in order and leaves out the broken ones (``aasce.repair_order``)."""
+    outputs = tuple(outputs)  # checked before the data are read and cached
+    unknown = [o for o in outputs if o not in ends.FRAMES]
+    if unknown or "T1" not in outputs or "L5" not in outputs:
+        raise InputError(f"outputs must include T1 and L5, from {sorted(ends.FRAMES)}; got {list(outputs)}")
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     start = time.time()
@@ -83,10 +87,6 @@ def train(out_dir, data_dir, name: str = ends.DEFAULT_MODEL, seed: int = 0, batc
     log(f"{len(indices)} training images ({len(train_names) - len(indices)} held out: choosing images, "
         "label chains out of order)")
     crop = (tuple(int(v) for v in crop_shape), float(vertebra_width))
-    outputs = tuple(outputs)
-    unknown = [o for o in outputs if o not in ends.FRAMES]
-    if unknown or "T1" not in outputs or "L5" not in outputs:
-        raise InputError(f"outputs must include T1 and L5, from {sorted(ends.FRAMES)}; got {list(outputs)}")
     model = ends.build(crop_shape=crop[0], outputs=len(outputs))
     callback = fit_on_crops(model, lambda: batches(images, points, batch_size, seed, crop, outputs),
                             (batch_size, len(outputs)),

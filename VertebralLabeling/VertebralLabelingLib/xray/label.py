@@ -181,24 +181,24 @@ class XrayLabeler:
             source, xray_data.apply(to_source, np.asarray(candidates, float).reshape(-1, 2)), names)
 
     def check_shift(self, decoded: Decoded, source, to_source) -> tuple:
-        """(the levels are unsure, shift) after the shift check moved ``decoded`` (in place) to the
-        shift the end classifier reads best; without a check, the first stage's flag rule alone.
-        Extrapolated vertebrae get confidence 0 (the first stage did not find them)."""
-        first_stage_unsure = decoded.could_shift()
+        """(chain indices of the ends to review, shift) after the shift check moved ``decoded`` (in
+        place) to the shift the end classifier reads best; without a check, the first stage's
+        flag rule alone (:meth:`Decoded.uncertain_ends`).  Extrapolated vertebrae get confidence 0
+        (the first stage did not find them)."""
+        first_stage_ends = decoded.uncertain_ends()
         if self.shift_check is None:
-            return first_stage_unsure, 0
+            return first_stage_ends, 0
         check = self.shift_check
         read = self.end_reader(source, to_source, check.classifier, check.classifier.outputs)
-        corners, shift, margin = check.check(read, decoded.corners)
-        decoded.corners = corners
-        if shift:
-            moved = np.zeros_like(decoded.peaks)
-            n = len(moved)
-            keep = slice(max(0, -shift), n - max(0, shift))
-            moved[keep] = decoded.peaks[max(0, shift): n - max(0, -shift)]
-            decoded.peaks = moved
-        unsure = check.unsure(margin) or (check.flag == "either" and first_stage_unsure)
-        return bool(unsure), shift
+        decoded.corners, shift, support = check.check(read, decoded.corners)
+        k = abs(shift)  # the peaks move with their vertebrae, as in ends.shifted_chain
+        decoded.peaks = np.pad(decoded.peaks, k)[k + shift: k + shift + len(decoded.peaks)]
+        first_stage_rules = check.flag == "either"
+        if first_stage_rules and first_stage_ends and not shift:
+            return first_stage_ends, shift  # its rule names its weak end, and the chain stayed
+        if check.unsure(support) or (first_stage_rules and first_stage_ends):
+            return (0, len(decoded.peaks) - 1), shift  # the shift check does not say which end
+        return (), shift
 
     def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
         start = time.perf_counter()
@@ -210,8 +210,7 @@ class XrayLabeler:
             progress(0.4, "Running the landmark network")
         source, source_to_pixel, to_source = self.crop_source(radiograph, matrix, normalized)
         decoded = self.decode_input(image, self.end_reader(source, to_source))
-        first_stage_ends = decoded.uncertain_ends()
-        unsure, shift = self.check_shift(decoded, source, to_source)
+        review_ends, _ = self.check_shift(decoded, source, to_source)
         points_px = xray_data.apply(matrix, decoded.corners)
         if self.refiner is not None:
             if progress:
@@ -222,12 +221,7 @@ class XrayLabeler:
         if progress:
             progress(0.9, "Computing Cobb angles")
         result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph)
-        if unsure:
-            # the first stage's rule names its weak end (when it is in force and the chain stayed);
-            # the shift check does not say which end is wrong
-            first_stage_rules = self.shift_check is None or self.shift_check.flag == "either"
-            named = first_stage_ends if first_stage_ends and first_stage_rules and not shift else (0, N_VERTEBRAE - 1)
-            result.level_review[list(named)] = True
+        result.level_review[list(review_ends)] = True
         if result.level_uncertain:
             result.warnings.append(f"{LEVEL_WARNING} (check {' and '.join(result.uncertain_levels)})")
         low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]

@@ -266,11 +266,13 @@ def _load_data(data_dir, cache_dir, log, folds: int = 0, fold: int = 0, hold_out
         log(f"fold {fold} of {folds}: {len(held)} training images held out")
     elif hold_out_choosing:
         held = [aset.names[i] for i in aasce.choosing_images(aset, train_names)]
-        train_names = [n for n in train_names if n not in set(held)]
+        chosen = set(held)
+        train_names = [n for n in train_names if n not in chosen]
         log(f"{len(held)} choosing images held out")
-    if aset.broken:
-        train_names = [n for n in train_names if n not in aset.broken]
-        log(f"{len(aset.broken)} label chains out of order and not repairable left out")
+    kept = [aset.names[i] for i in aasce.training_indices(aset, train_names, False)]  # never a broken chain
+    if len(kept) < len(train_names):
+        log(f"{len(train_names) - len(kept)} label chains out of order and not repairable left out")
+    train_names = kept
     log(f"split (seed {aasce.SPLIT_SEED}, by patient): {len(train_names)} train, {len(val_names)} validation")
     images, points, _ = aasce.cache_dataset(aset, aset.indices_of(train_names), cache_dir, log)
     v_images, v_points, v_sizes = aasce.cache_dataset(aset, aset.indices_of(val_names), cache_dir, log)
