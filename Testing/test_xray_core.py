@@ -471,3 +471,57 @@ def test_markups_mark_the_vertebrae_whose_level_is_to_be_checked(tmp_path):
     assert all(xray_export.LEVEL_REVIEW in p["description"] and not p["selected"] for p in points[:4])
     assert all("REVIEW" not in p["description"] and p["selected"] for p in points[4:])
 
+
+
+# -- level vote ---------------------------------------------------------------------------------
+def test_level_vote_views_start_with_the_standard_view_and_map_as_stated():
+    from VertebralLabelingLib.xray.vote import LevelVote
+
+    vote = LevelVote((0.9, 1.0, 1.1), (-0.025, 0.0, 0.025))
+    views = vote.views((640, 320))
+    assert len(views) == 9 and np.array_equal(views[0], np.eye(3))
+    zoom_out, moved = views[7], views[5]  # (1.1, 0.0) and (1.0, +0.025), in scale x shift order
+    centre = np.array([159.5, 319.5, 1.0])
+    np.testing.assert_allclose(zoom_out @ centre, centre)  # zoom about the input's centre
+    np.testing.assert_allclose(zoom_out[0, 0], 1.1)
+    np.testing.assert_allclose(moved @ [0.0, 0.0, 1.0], [0.0, 16.0, 1.0])  # content moves up 16 rows
+
+
+def test_level_vote_keeps_the_chain_most_views_agree_on():
+    from VertebralLabelingLib.xray.vote import vote
+
+    true = spine_points(pitch=30.0)
+    rng = np.random.default_rng(1)
+    down = (true.reshape(17, 4, 2) + [0, 30.0]).reshape(-1, 2)  # one level caudal
+    keep, offsets, agreed = vote([true, down + rng.normal(0, 2, true.shape), down])
+    assert keep == 1 and list(offsets) == [0, 1, 1] and not agreed
+    keep, offsets, agreed = vote([true, true + rng.normal(0, 2, true.shape), down])
+    assert keep == 0 and not agreed
+    assert vote([true, true + 1.0])[2]
+
+
+def test_level_vote_metadata_is_checked():
+    from VertebralLabelingLib.errors import ModelError
+    from VertebralLabelingLib.xray.vote import LevelVote
+
+    assert LevelVote.from_meta({}) is None
+    assert LevelVote.from_meta({"level_vote": {"scales": [0.9, 1.1], "shifts": [0]}}).scales == (0.9, 1.1)
+    for bad in ({"scales": [0.9]}, {"scales": ["x"], "shifts": [0]}, {"scales": [3.0], "shifts": [0]},
+                {"scales": [1.0], "shifts": [0.5]}):
+        with pytest.raises(ModelError):
+            LevelVote.from_meta({"level_vote": bad})
+
+
+def test_prepare_inputs_standard_view_is_prepare_input():
+    from VertebralLabelingLib.xray.vote import LevelVote
+
+    rng = np.random.default_rng(2)
+    radiograph = xray_data.Radiograph(rng.random((1500, 700)).astype(np.float32))
+    image, matrix = xray_data.prepare_input(radiograph)
+    images, matrices = xray_data.prepare_inputs(radiograph, views=LevelVote((0.9, 1.0), (0.0,)).views((640, 320)))
+    np.testing.assert_array_equal(images[0], image)
+    np.testing.assert_array_equal(matrices[0], matrix)
+    # the zoomed-out view shows the same content smaller: its matrix maps the input centre to the same pixel
+    centre = np.array([159.5, 319.5, 1.0])
+    np.testing.assert_allclose(matrices[1] @ centre, matrix @ centre)
+    assert not np.allclose(images[1], image)

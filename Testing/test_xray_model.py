@@ -231,3 +231,37 @@ def test_a_model_naming_a_shift_check_loads_it_and_labels(validation, tmp_path):
     result = labeler.label(xray_data.read_radiograph(aset.image_path(indices[0])))
     assert result.points_px.shape == (68, 2) and np.all(np.isfinite(result.points_px))
     assert result.uncertain_levels == ["T1", "L5"]  # a margin no chain can reach: always flagged
+
+
+def test_level_vote_keeps_the_standard_chain_when_the_views_agree(validation, tmp_path):
+    """A model with metadata ``level_vote`` runs the first stage on the extra views too: where
+    they agree the standard view's chain is kept (same corners as without the vote, no extra
+    flag); where they disagree the chain kept is one of the views' and both ends are flagged."""
+    from VertebralLabelingLib.io.models import models_dir
+    from VertebralLabelingLib.xray.label import XrayLabeler
+
+    for name in ("xray-compact.onnx", "xray-compact.json", "xray-refine.onnx", "xray-refine.json"):
+        shutil.copy(models_dir() / name, tmp_path / name)
+    meta = json.loads((tmp_path / "xray-compact.json").read_text())
+    meta["level_vote"] = {"scales": [0.8, 1.0, 1.2], "shifts": [-0.04, 0.0, 0.04], "flag": True}
+    (tmp_path / "xray-compact.json").write_text(json.dumps(meta))
+    voting = XrayLabeler.load(tmp_path / "xray-compact.onnx")
+    meta.pop("level_vote")
+    plain = XrayLabeler(voting.model, meta, voting.refiner)
+    assert voting.level_vote is not None and plain.level_vote is None
+    aset, indices = validation
+    seen = set()
+    for index in indices:
+        radiograph = xray_data.read_radiograph(aset.image_path(index))
+        decoded, _, _, _, agreed = voting.decode_radiograph(radiograph)
+        standard, _, _, _, _ = plain.decode_radiograph(radiograph)
+        voted, alone = voting.label(radiograph), plain.label(radiograph)
+        assert voted.points_px.shape == (68, 2) and np.all(np.isfinite(voted.points_px))
+        if agreed:
+            np.testing.assert_allclose(decoded.corners, standard.corners)
+            np.testing.assert_allclose(voted.points_px, alone.points_px)
+            assert voted.uncertain_levels == alone.uncertain_levels
+        else:
+            assert voted.uncertain_levels == ["T1", "L5"]
+        seen.add(agreed)
+    assert seen == {True, False}, "the views should agree on some radiographs and not on others"

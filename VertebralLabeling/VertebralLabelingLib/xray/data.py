@@ -183,16 +183,27 @@ def prepare_input(radiograph: Radiograph, shape=INPUT_SHAPE, normalized: np.ndar
     """Network input (rows, cols) float32 in [0, 1] and its input->original-pixel matrix.
     ``normalized``: ``normalize(radiograph.array)`` when the caller has it already (it is the
     slowest step on a full-size radiograph, and both landmark stages need it)."""
+    images, matrices = prepare_inputs(radiograph, shape, normalized)
+    return images[0], matrices[0]
+
+
+def prepare_inputs(radiograph: Radiograph, shape=INPUT_SHAPE, normalized: np.ndarray | None = None,
+                   views=(np.eye(3),)):
+    """Network inputs (one per view) and their input->original-pixel matrices.  Each view is a 3x3
+    map of input pixels onto the standard input (:func:`base_transform`: the identity is the
+    standard view; a scale about the centre zooms, a translation moves the content).  The image is
+    normalised and area-averaged once for all views."""
     matrix = base_transform(radiograph.height, radiograph.width, shape)
     image = normalize(radiograph.array) if normalized is None else normalized
     k = int(np.floor(matrix[0, 0]))
+    to_small = np.eye(3)
     if k >= 2:  # area-average first (anti-aliasing), then sample the small image
         rows, cols = -(-image.shape[0] // k) * k, -(-image.shape[1] // k) * k
         padded = np.pad(image, ((0, rows - image.shape[0]), (0, cols - image.shape[1])), mode="edge")
         image = padded.reshape(rows // k, k, cols // k, k).mean(axis=(1, 3))
         to_small = np.array([[1 / k, 0, -(k - 1) / (2 * k)], [0, 1 / k, -(k - 1) / (2 * k)], [0, 0, 1]])
-        return warp(image, to_small @ matrix, shape), matrix
-    return warp(image, matrix, shape), matrix
+    matrices = [matrix @ np.asarray(view, float) for view in views]
+    return [warp(image, to_small @ m, shape) for m in matrices], matrices
 
 
 def random_transform(rng: np.random.Generator, source_shape, shape=INPUT_SHAPE, strength=1.0) -> np.ndarray:

@@ -21,6 +21,7 @@ from .cobb import cobb_angles
 from .data import read_radiograph
 from .export import ANGLE_COLUMNS
 from .label import XrayLabeler
+from .vote import level_shift
 
 
 def _image_size(path):
@@ -37,36 +38,6 @@ def smape(pred, true) -> float:
     pred, true = np.asarray(pred, float), np.asarray(true, float)
     den = float(np.sum(pred + true))
     return 100.0 * float(np.sum(np.abs(pred - true))) / den if den > 0 else 0.0
-
-
-#: Whole-level shifts tried when matching a predicted chain to the true one (|shift| <= this).
-MAX_LEVEL_SHIFT = 4
-
-
-def vertebra_centres(points_px) -> np.ndarray:
-    """(17, 2) centre of each vertebra: the mean of its four corners (AASCE order)."""
-    return np.asarray(points_px, float).reshape(-1, 4, 2).mean(axis=1)
-
-
-def level_shift(pred_px, true_px, max_shift: int = MAX_LEVEL_SHIFT) -> int:
-    """The signed whole-level offset that best matches the predicted chain to the true one.
-
-    ``shift`` = k means predicted vertebra i lies on true vertebra i + k: 0 when every vertebra is
-    on its level, -1 when the chain sits one level cranially (the predicted T1 on C7, T2 on T1).
-    Each candidate k is scored by the mean centre distance over the vertebrae both chains share
-    (at least half of the chain), and the best one wins.
-    """
-    pred, true = vertebra_centres(pred_px), vertebra_centres(true_px)
-    n = len(true)
-    best, best_cost = 0, np.inf
-    for k in range(-max_shift, max_shift + 1):
-        i = np.arange(max(0, -k), min(n, n - k))  # predicted i <-> true i + k
-        if len(i) < n // 2:
-            continue
-        cost = float(np.linalg.norm(pred[i] - true[i + k], axis=1).mean())
-        if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and abs(k) < abs(best)):
-            best, best_cost = k, cost
-    return best
 
 
 def select(aset, split: str = "all", files=None) -> list:

@@ -20,6 +20,7 @@ from ..errors import ModelError
 from ..io import models as model_lib
 from . import data as xray_data
 from . import ends, refine
+from . import vote as level_vote
 from .cobb import N_VERTEBRAE, CobbResult, cobb_angles
 from .data import INPUT_SHAPE, POINT_LABELS, Radiograph
 from .decode import ANCHOR_WEIGHT, LEVEL_WEIGHT, Decoded, FlagRule, decode, decode_levels, smooth_tilts
@@ -97,6 +98,9 @@ class XrayLabeler:
         self.anchor_weight = float(meta.get("anchor_weight", ANCHOR_WEIGHT))
         self.end_weight = float(meta.get("end_weight", ANCHOR_WEIGHT))
         self.flag_rule = FlagRule.from_meta(meta)
+        #: A :class:`level_vote.LevelVote` (metadata ``level_vote``) or None: run on zoomed and
+        #: shifted views too and keep the chain they agree on.
+        self.level_vote = level_vote.LevelVote.from_meta(meta)
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
@@ -136,10 +140,23 @@ class XrayLabeler:
     def decode_input(self, image: np.ndarray, end_readings=None) -> Decoded:
         """The decoded chain of one prepared input image (see :meth:`predict_input`);
         ``end_readings`` as in :func:`decode_levels` (then weighted by ``end_weight``)."""
-        batch = image[None, ..., None].astype(np.float32)
+        return self.decode_inputs([image], [end_readings])[0]
+
+    def decode_inputs(self, images, end_readings=None) -> list:
+        """The decoded chain of each prepared input image (one network batch; with ``flip`` the
+        mirrored images join it); ``end_readings``: one reader (or None) per image."""
+        n = len(images)
+        readers = list(end_readings) if end_readings is not None else [None] * n
+        batch = np.stack(images)[..., None].astype(np.float32)
         if self.flip:
             batch = np.concatenate([batch, batch[:, :, ::-1]])
-        heat, offsets, level, anchors = self._network(batch)
+        outputs = self._network(batch)
+        return [self._decode_outputs([None if o is None else o[[v, v + n] if self.flip else [v]] for o in outputs],
+                                     readers[v]) for v in range(n)]
+
+    def _decode_outputs(self, outputs, end_readings) -> Decoded:
+        """Decode one image's network outputs (its mirrored image's second when ``flip``)."""
+        heat, offsets, level, anchors = outputs
         h, o = heat[0, ..., 0], offsets[0]
         lv = None if level is None else level[0, ..., 0]
         an = None if anchors is None else anchors[0]
@@ -161,6 +178,20 @@ class XrayLabeler:
         if self.tilt_smoothing > 0:
             decoded.corners = smooth_tilts(decoded.corners, self.tilt_smoothing)
         return decoded
+
+    def decode_radiograph(self, radiograph: Radiograph, normalized=None) -> tuple:
+        """(decoded chain, its input->pixel matrix, crop source, source->pixel matrix, vote agreed).
+        With a level vote the chain is the one the views agree on (:func:`level_vote.vote`);
+        ``agreed`` is False when they disagree (always True without a vote)."""
+        views = self.level_vote.views(self.shape) if self.level_vote else [np.eye(3)]
+        images, matrices = xray_data.prepare_inputs(radiograph, self.shape, normalized, views)
+        source, source_to_pixel, _ = self.crop_source(radiograph, matrices[0], normalized)
+        to_source = [None if source is None else np.linalg.inv(source_to_pixel) @ m for m in matrices]
+        chains = self.decode_inputs(images, [self.end_reader(source, t) for t in to_source])
+        keep, agreed = 0, True
+        if len(chains) > 1:
+            keep, _, agreed = level_vote.vote([xray_data.apply(m, d.corners) for d, m in zip(chains, matrices)])
+        return chains[keep], matrices[keep], source, source_to_pixel, agreed
 
     def crop_source(self, radiograph: Radiograph, matrix, normalized=None) -> tuple:
         """(source image, its source->original-pixel matrix, the input->source matrix) that the
@@ -205,12 +236,13 @@ class XrayLabeler:
         if progress:
             progress(0.1, "Preparing the image")
         normalized = xray_data.normalize(radiograph.array)  # once, for both stages
-        image, matrix = xray_data.prepare_input(radiograph, self.shape, normalized)
         if progress:
             progress(0.4, "Running the landmark network")
-        source, source_to_pixel, to_source = self.crop_source(radiograph, matrix, normalized)
-        decoded = self.decode_input(image, self.end_reader(source, to_source))
+        decoded, matrix, source, source_to_pixel, agreed = self.decode_radiograph(radiograph, normalized)
+        to_source = None if source is None else np.linalg.inv(source_to_pixel) @ matrix
         review_ends, _ = self.check_shift(decoded, source, to_source)
+        if not agreed and self.level_vote.flag:
+            review_ends = (0, len(decoded.peaks) - 1)  # the views disagree: either end could be off
         points_px = xray_data.apply(matrix, decoded.corners)
         if self.refiner is not None:
             if progress:

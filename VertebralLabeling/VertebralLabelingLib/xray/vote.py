@@ -1,0 +1,98 @@
+"""Level vote: the first stage run on a few zoomed and shifted views of the same radiograph.
+
+Why: on radiographs it has not seen, the first stage puts about one chain in five a whole level
+off (its "T1" on C7, or its "L5" on S1), and which level a chain starts on is the one decision
+that a small change of framing can flip.  Running it on views zoomed by a few percent and moved by
+half a vertebra, and matching each view's chain to the standard view's by whole levels
+(:func:`level_shift`), gives a vote on the level: the chain the views agree on is kept, and an
+image whose views disagree is flagged for review (the levels depend on the framing, so they are
+not confirmed).  All views go through the network as one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelError
+
+#: Whole-level shifts tried when matching two chains (|shift| <= this).
+MAX_LEVEL_SHIFT = 4
+
+
+def vertebra_centres(points_px) -> np.ndarray:
+    """(n, 2) centre of each vertebra: the mean of its four corners (AASCE order)."""
+    return np.asarray(points_px, float).reshape(-1, 4, 2).mean(axis=1)
+
+
+def level_shift(pred_px, true_px, max_shift: int = MAX_LEVEL_SHIFT) -> int:
+    """The signed whole-level offset that best matches the predicted chain to the true one.
+
+    ``shift`` = k means predicted vertebra i lies on true vertebra i + k: 0 when every vertebra is
+    on its level, -1 when the chain sits one level cranially (the predicted T1 on C7, T2 on T1).
+    Each candidate k is scored by the mean centre distance over the vertebrae both chains share
+    (at least half of the chain), and the best one wins (ties go to the smaller |k|).
+    """
+    pred, true = vertebra_centres(pred_px), vertebra_centres(true_px)
+    n = len(true)
+    best, best_cost = 0, np.inf
+    for k in range(-max_shift, max_shift + 1):
+        i = np.arange(max(0, -k), min(n, n - k))  # predicted i <-> true i + k
+        if len(i) < n // 2:
+            continue
+        cost = float(np.linalg.norm(pred[i] - true[i + k], axis=1).mean())
+        if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and abs(k) < abs(best)):
+            best, best_cost = k, cost
+    return best
+
+
+@dataclass(frozen=True)
+class LevelVote:
+    """The views (metadata ``level_vote``: ``scales`` and ``shifts``, every combination; a shift is
+    a fraction of the input height, + moves the content up) and whether disagreement flags."""
+
+    scales: tuple = (1.0,)
+    shifts: tuple = (0.0,)
+    flag: bool = True
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "LevelVote | None":
+        """The vote a model's metadata asks for (None without ``level_vote``)."""
+        spec = meta.get("level_vote")
+        if not spec:
+            return None
+        try:
+            vote = cls(tuple(float(s) for s in spec["scales"]), tuple(float(s) for s in spec["shifts"]),
+                       bool(spec.get("flag", True)))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"level_vote must give numeric 'scales' and 'shifts' ({error}).") from error
+        if not all(0.5 <= s <= 2.0 for s in vote.scales) or not all(abs(s) <= 0.25 for s in vote.shifts):
+            raise ModelError("level_vote: scales must lie in [0.5, 2] and shifts in [-0.25, 0.25].")
+        return vote
+
+    def views(self, shape) -> list:
+        """3x3 maps of input pixels onto the standard input, the standard view (identity) first."""
+        rows, cols = shape
+        cx, cy = (cols - 1) / 2.0, (rows - 1) / 2.0
+        views = [np.eye(3)]
+        for scale in self.scales:
+            for shift in self.shifts:
+                if scale == 1.0 and shift == 0.0:
+                    continue
+                views.append(np.array([[scale, 0.0, cx - scale * cx],
+                                       [0.0, scale, cy - scale * cy + shift * rows], [0.0, 0.0, 1.0]]))
+        return views
+
+
+def vote(chains_px) -> tuple:
+    """(index of the chain to keep, offsets, agreed) for chains (corners in original pixels) of the
+    same radiograph, the standard view first.  Each chain's offset is its whole-level shift
+    against the standard view's; the median offset wins, and the first chain with that offset is
+    kept (the standard view's when the median is 0), so its vertebrae are detections, not
+    extrapolations.  ``agreed`` is False when any view's offset differs."""
+    reference = chains_px[0]
+    offsets = np.array([level_shift(chain, reference, 2) for chain in chains_px])
+    winner = int(np.round(np.median(offsets)))
+    keep = int(np.nonzero(offsets == winner)[0][0]) if np.any(offsets == winner) else 0
+    return keep, offsets, bool(np.all(offsets == offsets[0]))
