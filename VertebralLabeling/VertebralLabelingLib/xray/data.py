@@ -188,11 +188,12 @@ def prepare_input(radiograph: Radiograph, shape=INPUT_SHAPE, normalized: np.ndar
 
 
 def prepare_inputs(radiograph: Radiograph, shape=INPUT_SHAPE, normalized: np.ndarray | None = None,
-                   views=(np.eye(3),)):
+                   views=None):
     """Network inputs (one per view) and their input->original-pixel matrices.  Each view is a 3x3
     map of input pixels onto the standard input (:func:`base_transform`: the identity is the
-    standard view; a scale about the centre zooms, a translation moves the content).  The image is
-    normalised and area-averaged once for all views."""
+    standard view, and the default; a scale about the centre zooms, a translation moves the
+    content).  The image is normalised and area-averaged once for all views."""
+    views = [np.eye(3)] if views is None else views
     matrix = base_transform(radiograph.height, radiograph.width, shape)
     image = normalize(radiograph.array) if normalized is None else normalized
     k = int(np.floor(matrix[0, 0]))
