@@ -525,3 +525,16 @@ def test_prepare_inputs_standard_view_is_prepare_input():
     centre = np.array([159.5, 319.5, 1.0])
     np.testing.assert_allclose(matrices[1] @ centre, matrix @ centre)
     assert not np.allclose(images[1], image)
+
+
+def test_misnamed_vertebrae_sees_a_vertebra_skipped_part_way():
+    from VertebralLabelingLib.xray.vote import level_shift, misnamed_vertebrae
+
+    true = spine_points(pitch=30.0).reshape(17, 4, 2)
+    assert not misnamed_vertebrae(true, true).any()
+    skipped = true.copy()
+    skipped[12:] += [0, 30.0]  # L1..L5 each one level low (a vertebra skipped at T12/L1)
+    assert level_shift(skipped.reshape(-1, 2), true.reshape(-1, 2)) == 0  # the chain as a whole is not shifted
+    wrong = misnamed_vertebrae(skipped, true)
+    # L1..L4 sit on L2..L5; L5 sits on S1, which is not labelled, so its nearest labelled level is L5
+    assert list(np.nonzero(wrong)[0]) == [12, 13, 14, 15]

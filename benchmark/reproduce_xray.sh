@@ -38,6 +38,9 @@ $VL xray train-refiner --data "$DATA" --out runs/xray_refine2 --init runs/xray_r
 #    VertebralLabeling/Resources/Models and put the chosen options into the .json files to ship them
 .venv/bin/python benchmark/xray_level_flag.py runs/xray_model5/xray-compact.onnx --weights --grid
 .venv/bin/python benchmark/xray_refiner.py runs/xray_model5/xray-compact.onnx runs/xray_refine2/xray-refine.onnx
+#    the level vote's views and flag (metadata level_vote), chosen on the same images as they are
+#    and in two stress variants
+.venv/bin/python benchmark/xray_level_vote.py runs/xray_model5/xray-compact.onnx --val
 
 # 5. Validation metrics of the shipped model (84 images of the held-out patients)
 $VL xray evaluate --images "$DATA/images" --labels "$DATA/labels" --split val \

@@ -18,10 +18,10 @@ from PIL import Image
 from ..errors import InputError
 from .aasce import load_aasce, order_status, read_names_file, repair_order, split_names
 from .cobb import cobb_angles
-from .data import read_radiograph
+from .data import VERTEBRA_NAMES, read_radiograph
 from .export import ANGLE_COLUMNS
 from .label import XrayLabeler
-from .vote import level_shift
+from .vote import level_shift, misnamed_vertebrae
 
 
 def _image_size(path):
@@ -115,6 +115,8 @@ def evaluate_model(images_dir, labels_dir, model="xray-compact", split: str = "v
                      "landmark_mean_error_px": round(float(err.mean()), 2),
                      "min_confidence": round(float(result.confidence.min()), 3),
                      "level_shift": shift, "level_flagged": bool(result.level_uncertain),
+                     "misnamed_vertebrae": [VERTEBRA_NAMES[i] for i in
+                                            np.nonzero(misnamed_vertebrae(result.points_px, true_px))[0]],
                      "uncertain_levels": result.uncertain_levels,
                      "points_px": [[round(float(x), 2), round(float(y), 2)] for x, y in result.points_px],
                      "seconds": round(seconds[-1], 3), **_against_repaired_labels(result, true_px, truth, radiograph)})
@@ -171,10 +173,17 @@ def _level_flag_summary(rows: list) -> dict:
     """How well the "chain could be shifted" flag covers the images whose chain is shifted."""
     shifted = np.array([r["level_shift"] != 0 for r in rows])
     flagged = np.array([r["level_flagged"] for r in rows])
+    misnamed = np.array([bool(r["misnamed_vertebrae"]) for r in rows])
     return {
         "level_flag_rate": float(flagged.mean()),
         # the promise "never silently on the wrong level", broken: shifted and not flagged
         "level_shift_silent_rate": float((shifted & ~flagged).mean()),
         "level_shift_caught": int((shifted & flagged).sum()),
         "level_shift_missed": int((shifted & ~flagged).sum()),
+        # the same promise per vertebra: any vertebra nearer another level than its own, even when
+        # the chain as a whole is not shifted (a vertebra skipped or doubled part-way)
+        "misnamed_vertebra_rate": float(np.mean([len(r["misnamed_vertebrae"]) / (len(r["points_px"]) // 4)
+                                                 for r in rows])),
+        "misnamed_image_rate": float(misnamed.mean()),
+        "misnamed_silent_rate": float((misnamed & ~flagged).mean()),
     }

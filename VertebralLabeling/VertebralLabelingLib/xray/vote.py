@@ -47,6 +47,17 @@ def level_shift(pred_px, true_px, max_shift: int = MAX_LEVEL_SHIFT) -> int:
     return best
 
 
+def misnamed_vertebrae(pred_px, true_px) -> np.ndarray:
+    """(n,) True where a predicted vertebra's centre lies nearer another labelled vertebra's centre
+    than its own: named on the wrong level.  Unlike :func:`level_shift` it also sees a chain that
+    skips or doubles a vertebra part-way (its lower half one level off while the upper half is
+    right).  Levels beyond the labelled chain (C7, S1) are not labelled, so a vertebra placed
+    there counts only when it is nearer a wrong labelled level."""
+    pred, true = vertebra_centres(pred_px), vertebra_centres(true_px)
+    nearest = np.linalg.norm(pred[:, None] - true[None], axis=2).argmin(axis=1)
+    return nearest != np.arange(len(pred))
+
+
 @dataclass(frozen=True)
 class LevelVote:
     """The views (metadata ``level_vote``: ``scales`` and ``shifts``, every combination; a shift is
