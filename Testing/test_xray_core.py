@@ -538,3 +538,33 @@ def test_misnamed_vertebrae_sees_a_vertebra_skipped_part_way():
     wrong = misnamed_vertebrae(skipped, true)
     # L1..L4 sit on L2..L5; L5 sits on S1, which is not labelled, so its nearest labelled level is L5
     assert list(np.nonzero(wrong)[0]) == [12, 13, 14, 15]
+
+
+def test_gap_rhythm_flags_the_jump_of_a_skipped_vertebra():
+    from VertebralLabelingLib.xray.vote import GapRhythm
+
+    true = spine_points(pitch=30.0).reshape(17, 4, 2)
+    rhythm = GapRhythm((0.0,) * 15, (0.06,) * 15, 4.0)
+    assert rhythm.irregular(true) == ()
+    skipped = true.copy()
+    skipped[12:] += [0, 30.0]  # the gap T12-L1 is doubled: L1..L5 one level low
+    assert rhythm.irregular(skipped) in ((10, 11, 12), (11, 12, 13))  # around T12 / L1
+    assert np.abs(rhythm.z_scores(skipped)).max() > 10
+    doubled = true.copy()
+    doubled[5] = (true[4] + true[5]) / 2  # T6 found half-way up: a short gap then a long one
+    assert 4 in rhythm.irregular(doubled) or 5 in rhythm.irregular(doubled)
+
+
+def test_gap_rhythm_metadata_is_checked():
+    from VertebralLabelingLib.errors import ModelError
+    from VertebralLabelingLib.xray.vote import GapRhythm
+
+    assert GapRhythm.from_meta({}) is None
+    good = {"mean": [0.0] * 15, "std": [0.1] * 15, "review_z": 5}
+    assert GapRhythm.from_meta({"gap_rhythm": good}).review_z == 5.0
+    for bad in ({**good, "std": [0.0] * 15}, {**good, "mean": [0.0] * 3}, {"mean": [0.0] * 15},
+                {**good, "review_z": "x"}):
+        with pytest.raises(ModelError):
+            GapRhythm.from_meta({"gap_rhythm": bad})
+    with pytest.raises(ModelError, match="ratios"):
+        GapRhythm.from_meta({"gap_rhythm": good}).z_scores(spine_points(pitch=30.0)[:40])

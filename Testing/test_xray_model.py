@@ -265,3 +265,27 @@ def test_level_vote_keeps_the_standard_chain_when_the_views_agree(validation, tm
             assert voted.uncertain_levels == ["T1", "L5"]
         seen.add(agreed)
     assert seen == {True, False}, "the views should agree on some radiographs and not on others"
+
+
+def test_gap_rhythm_in_the_metadata_flags_the_jump_and_names_it(validation, tmp_path):
+    """Metadata ``gap_rhythm`` makes ``label`` check the chain's spacing: with a threshold every
+    chain exceeds, both ends and the three vertebrae around the worst jump are flagged and the
+    warning names them; with one no chain reaches, the flags are the model's own."""
+    from VertebralLabelingLib.io.models import models_dir
+    from VertebralLabelingLib.xray.label import XrayLabeler
+
+    for name in ("xray-compact.onnx", "xray-compact.json", "xray-refine.onnx", "xray-refine.json"):
+        shutil.copy(models_dir() / name, tmp_path / name)
+    meta = json.loads((tmp_path / "xray-compact.json").read_text())
+    aset, indices = validation
+    radiograph = xray_data.read_radiograph(aset.image_path(indices[0]))
+    results = {}
+    for review_z in (1e-6, 1e6):
+        meta["gap_rhythm"] = {"mean": [0.0] * 15, "std": [0.06] * 15, "review_z": review_z}
+        (tmp_path / "xray-compact.json").write_text(json.dumps(meta))
+        results[review_z] = XrayLabeler.load(tmp_path / "xray-compact.onnx").label(radiograph)
+    always, never = results[1e-6], results[1e6]
+    assert {"T1", "L5"} <= set(always.uncertain_levels) and len(always.uncertain_levels) >= 4
+    assert any("spacing jumps" in w for w in always.warnings)
+    assert not any("spacing jumps" in w for w in never.warnings)
+    np.testing.assert_allclose(always.points_px, never.points_px)  # a flag only: the corners are the same

@@ -2,7 +2,8 @@
 
 A timing, not a test: it depends on the machine and on what else runs on it, so it lives here
 and not in pytest (an assertion on it would fail on a busy CI box and pass a slow change on a
-fast one).  Reference: 0.17 s (median, landmarks on 3 views for the level vote + refiner) on this project's 2-core machine (README, X-ray table).
+fast one).  Reference: 0.17 s (median, landmarks on 3 views for the level vote + refiner) on this
+project's 2-core machine (README, X-ray table).
 
     .venv/bin/python benchmark/xray_inference.py [MODEL] [--images 6] [--runs 3]
 """

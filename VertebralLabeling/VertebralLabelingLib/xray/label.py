@@ -101,6 +101,9 @@ class XrayLabeler:
         #: A :class:`level_vote.LevelVote` (metadata ``level_vote``) or None: run on zoomed and
         #: shifted views too and keep the chain they agree on.
         self.level_vote = level_vote.LevelVote.from_meta(meta)
+        #: A :class:`level_vote.GapRhythm` (metadata ``gap_rhythm``) or None: flags a chain whose
+        #: spacing jumps (a vertebra skipped or doubled part-way).
+        self.gap_rhythm = level_vote.GapRhythm.from_meta(meta)
 
     @classmethod
     def load(cls, name_or_path="xray-compact") -> "XrayLabeler":
@@ -231,6 +234,20 @@ class XrayLabeler:
             return (0, len(decoded.peaks) - 1), shift  # the shift check does not say which end
         return (), shift
 
+    def levels_to_review(self, decoded: Decoded, matrix, source, to_source, agreed: bool) -> tuple:
+        """(chain indices whose level needs a check, the vertebrae around a spacing jump or ()):
+        the first stage's rule or the shift check (:meth:`check_shift`), both ends when the level
+        vote's views disagree, and both ends plus the vertebrae around the jump when the gap
+        rhythm flags one."""
+        review, _ = self.check_shift(decoded, source, to_source)
+        last = len(decoded.peaks) - 1
+        if not agreed and self.level_vote.flag:
+            review = (0, last)  # the views disagree: either end could be off
+        jump = self.gap_rhythm.irregular(xray_data.apply(matrix, decoded.corners)) if self.gap_rhythm else ()
+        if jump:
+            review = tuple(sorted(set(review) | {0, last} | set(jump)))
+        return review, jump
+
     def label(self, radiograph: Radiograph, progress=None) -> XrayResult:
         start = time.perf_counter()
         if progress:
@@ -240,9 +257,7 @@ class XrayLabeler:
             progress(0.4, "Running the landmark network")
         decoded, matrix, source, source_to_pixel, agreed = self.decode_radiograph(radiograph, normalized)
         to_source = None if source is None else np.linalg.inv(source_to_pixel) @ matrix
-        review_ends, _ = self.check_shift(decoded, source, to_source)
-        if not agreed and self.level_vote.flag:
-            review_ends = (0, len(decoded.peaks) - 1)  # the views disagree: either end could be off
+        review, jump = self.levels_to_review(decoded, matrix, source, to_source, agreed)
         points_px = xray_data.apply(matrix, decoded.corners)
         if self.refiner is not None:
             if progress:
@@ -253,9 +268,13 @@ class XrayLabeler:
         if progress:
             progress(0.9, "Computing Cobb angles")
         result = XrayResult(points_px, points, decoded.peaks, cobb_from_points(points_px, radiograph), radiograph)
-        result.level_review[list(review_ends)] = True
+        result.level_review[list(review)] = True
         if result.level_uncertain:
             result.warnings.append(f"{LEVEL_WARNING} (check {' and '.join(result.uncertain_levels)})")
+        if jump:
+            names = [xray_data.VERTEBRA_NAMES[i] for i in jump]
+            result.warnings.append(f"the spacing jumps around {names[0]}-{names[-1]}: a vertebra may be skipped "
+                                   "or doubled there, so the levels on one side of it may be one off")
         low = [xray_data.VERTEBRA_NAMES[i] for i in np.nonzero(result.flagged())[0]]
         if len(low) > 3:
             result.warnings.append(f"{len(low)} vertebrae found with low confidence ({', '.join(low)}); "

@@ -107,3 +107,53 @@ def vote(chains_px) -> tuple:
     winner = int(np.round(np.median(offsets)))
     keep = int(np.nonzero(offsets == winner)[0][0]) if np.any(offsets == winner) else 0
     return keep, offsets, bool(np.all(offsets == offsets[0]))
+
+
+def gap_log_ratios(points_px) -> np.ndarray:
+    """(n-2,) log(g_t / g_(t-1)) of the chain's consecutive centre gaps g (t = 1 .. n-2)."""
+    gaps = np.linalg.norm(np.diff(vertebra_centres(points_px), axis=0), axis=1)
+    return np.diff(np.log(np.maximum(gaps, 1e-6)))
+
+
+@dataclass(frozen=True)
+class GapRhythm:
+    """Flags a chain whose spacing jumps (metadata ``gap_rhythm``: ``mean`` and ``std`` of each
+    consecutive-gap log ratio in labelled chains, ``review_z``).
+
+    Why: vertebral height changes slowly along the spine, so in a labelled chain each gap is close
+    to the one before it (the log ratio's spread is about 0.06).  A chain that skips a vertebra
+    part-way has one gap about twice its neighbours (log ratio about +0.7, then -0.7), one that
+    doubles a vertebra one about half: every vertebra on one side of it is then named a level off,
+    although the chain as a whole may not be (``level_shift`` 0).  The end vertebrae and the three
+    vertebrae around the worst jump are flagged for review."""
+
+    mean: tuple
+    std: tuple
+    review_z: float
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "GapRhythm | None":
+        spec = meta.get("gap_rhythm")
+        if not spec:
+            return None
+        try:
+            rhythm = cls(tuple(float(v) for v in spec["mean"]), tuple(float(v) for v in spec["std"]),
+                         float(spec["review_z"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"gap_rhythm must give numeric 'mean', 'std' and 'review_z' ({error}).") from error
+        if len(rhythm.mean) != len(rhythm.std) or min(rhythm.std, default=0.0) <= 0 or rhythm.review_z <= 0:
+            raise ModelError("gap_rhythm: 'mean' and 'std' must have the same length, std and review_z > 0.")
+        return rhythm
+
+    def z_scores(self, points_px) -> np.ndarray:
+        ratios = gap_log_ratios(points_px)
+        if len(ratios) != len(self.mean):
+            raise ModelError(f"gap_rhythm has {len(self.mean)} ratios; the chain has {len(ratios)}.")
+        return (ratios - np.asarray(self.mean)) / np.asarray(self.std)
+
+    def irregular(self, points_px) -> tuple:
+        """Chain indices of the vertebrae around the worst jump (its three vertebrae), or () when
+        every ratio is within ``review_z`` standard deviations."""
+        z = np.abs(self.z_scores(points_px))
+        worst = int(np.argmax(z))
+        return (worst, worst + 1, worst + 2) if z[worst] >= self.review_z else ()
