@@ -41,6 +41,9 @@ $VL xray train-refiner --data "$DATA" --out runs/xray_refine2 --init runs/xray_r
 #    the level vote's views and flag (metadata level_vote), chosen on the same images as they are
 #    and in two stress variants
 .venv/bin/python benchmark/xray_level_vote.py runs/xray_model5/xray-compact.onnx --val
+#    the gap-rhythm flag (metadata gap_rhythm: the labelled chains' rhythm and its threshold);
+#    it reads the model's level_vote, so put that into the .json first
+.venv/bin/python benchmark/xray_gap_flag.py runs/xray_model5/xray-compact.onnx --val
 
 # 5. Validation metrics of the shipped model (84 images of the held-out patients)
 $VL xray evaluate --images "$DATA/images" --labels "$DATA/labels" --split val \
