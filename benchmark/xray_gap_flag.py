@@ -21,7 +21,6 @@ flagged images; no threshold (no gap flag) when none lowers that count.
     .venv/bin/python benchmark/xray_gap_flag.py [MODEL] [--val]
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,9 +31,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from xray_level_vote import VARIANTS, stressed  # noqa: E402
+from xray_level_vote import VARIANTS, arguments, stressed  # noqa: E402
 
-from VertebralLabelingLib.io.files import data_root  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
 from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
@@ -94,12 +92,7 @@ def report(table, title):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model", nargs="?", default="xray-compact")
-    parser.add_argument("--val", action="store_true", help="also print the validation split (not used)")
-    args = parser.parse_args()
-    aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce", repair=True)
-    train, val = aasce.split_names(aset.names)
+    args, aset, train, val = arguments(__doc__.splitlines()[0])
     median, spread, count = rhythm_prior(aset, train)
     rhythm = GapRhythm(tuple(median), tuple(spread), 1.0)
     print(f"rhythm of {count} training label chains: median {np.round(median, 3).tolist()}, "

@@ -115,13 +115,19 @@ def choose(rows):
     print(f"\nchosen on the choosing images: {best}; flag: {flag}")
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def arguments(description):
+    """(arguments, the AASCE set with its label chains put in order, training names, validation
+    names): what the level benchmarks share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model", nargs="?", default="xray-compact")
     parser.add_argument("--val", action="store_true", help="also print the validation split (not used)")
     args = parser.parse_args()
     aset = aasce.load_aasce(data_dir=data_root() / "xray-aasce", repair=True)
-    train, val = aasce.split_names(aset.names)
+    return (args, aset, *aasce.split_names(aset.names))
+
+
+def main():
+    args, aset, train, val = arguments(__doc__.splitlines()[0])
     labeler = xray_label.XrayLabeler.load(args.model)
     labeler.refiner, labeler.level_vote = None, None
     choosing = [i for i in aasce.choosing_images(aset, train) if aset.names[i] not in aset.broken]
