@@ -303,6 +303,29 @@ def test_flip_averaging_maps_the_mirrored_output_back():
     np.testing.assert_allclose(corners, pts, atol=1e-6)
 
 
+def test_flip_averaging_pairs_each_image_with_its_own_mirror_in_a_batch():
+    """``decode_inputs`` runs several views in one batch, their mirrored copies after them: each
+    view's output must be averaged with its own mirror (index v + n), not another view's."""
+    from VertebralLabelingLib.xray.label import XrayLabeler
+
+    spines = [spine_points(np.linspace(-8, 10, 17), centre_x=150, top=50, pitch=32),
+              spine_points(np.linspace(12, -6, 17), centre_x=170, top=70, pitch=28,
+                           lateral=10 * np.sin(np.linspace(0, 3, 17)))]
+    labeler = XrayLabeler(model=None, meta={"tta_flip": True})
+    seen = []
+
+    def network(batch):
+        seen.append(batch.shape)
+        outs = [xray_data.targets(p) for p in spines + [mirrored(p) for p in spines]]
+        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), None, None
+
+    labeler._network = network
+    decoded = labeler.decode_inputs([np.zeros(xray_data.INPUT_SHAPE, np.float32)] * 2)
+    assert seen == [(4,) + xray_data.INPUT_SHAPE + (1,)]
+    for chain, truth in zip(decoded, spines):
+        np.testing.assert_allclose(chain.corners, truth, atol=1e-6)
+
+
 def test_tilt_smoothing():
     from VertebralLabelingLib.xray.decode import smooth_tilts, vertebra_tilts
 
@@ -521,7 +544,7 @@ def test_prepare_inputs_standard_view_is_prepare_input():
     images, matrices = xray_data.prepare_inputs(radiograph, views=LevelVote((0.9, 1.0), (0.0,)).views((640, 320)))
     np.testing.assert_array_equal(images[0], image)
     np.testing.assert_array_equal(matrices[0], matrix)
-    # the zoomed-out view shows the same content smaller: its matrix maps the input centre to the same pixel
+    # the view zoomed in (scale 0.9) shows less of the image, about the same centre pixel
     centre = np.array([159.5, 319.5, 1.0])
     np.testing.assert_allclose(matrices[1] @ centre, matrix @ centre)
     assert not np.allclose(images[1], image)

@@ -169,6 +169,11 @@ def test_cli_evaluate_on_the_validation_split(aasce, tmp_path):
     for image in data["images"]:  # per image: the 68 corners, the level check and what to check
         assert len(image["points_px"]) == 68 and isinstance(image["level_shift"], int)
         assert bool(image["uncertain_levels"]) == image["level_flagged"]
+        assert set(image["misnamed_vertebrae"]) <= set(xray_data.VERTEBRA_NAMES)
+    for key in ("misnamed_vertebra_rate", "misnamed_image_rate", "misnamed_silent_rate",
+                "misnamed_image_rate_repaired_labels"):
+        assert 0.0 <= data[key] <= 1.0
+    assert data["misnamed_silent_rate"] <= data["misnamed_image_rate"]
 
 
 # -- bad model files -----------------------------------------------------------------------------
@@ -257,12 +262,12 @@ def test_level_vote_keeps_the_standard_chain_when_the_views_agree(validation, tm
         standard, _, _, _, _ = plain.decode_radiograph(radiograph)
         voted, alone = voting.label(radiograph), plain.label(radiograph)
         assert voted.points_px.shape == (68, 2) and np.all(np.isfinite(voted.points_px))
-        if agreed:
-            np.testing.assert_allclose(decoded.corners, standard.corners)
-            np.testing.assert_allclose(voted.points_px, alone.points_px)
+        if agreed:  # the same chain, up to float differences between a batch of 9 and of 1
+            np.testing.assert_allclose(decoded.corners, standard.corners, atol=1e-2)
+            np.testing.assert_allclose(voted.points_px, alone.points_px, atol=0.1)
             assert voted.uncertain_levels == alone.uncertain_levels
         else:
-            assert voted.uncertain_levels == ["T1", "L5"]
+            assert {"T1", "L5"} <= set(voted.uncertain_levels)
         seen.add(agreed)
     assert seen == {True, False}, "the views should agree on some radiographs and not on others"
 

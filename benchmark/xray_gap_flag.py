@@ -16,7 +16,8 @@ has its upper half right and its lower half a level off, and ``level_shift`` may
 
 Rule, written before any validation figure was seen: the threshold with the fewest images with a
 misnamed vertebra and no flag over the three variants of the choosing images, ties to fewer
-flagged images; no threshold (no gap flag) when none lowers that count.
+flagged images, then to the lower (more cautious) threshold; no threshold (no gap flag) when none
+lowers that count.
 
     .venv/bin/python benchmark/xray_gap_flag.py [MODEL] [--val]
 """

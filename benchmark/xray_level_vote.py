@@ -3,7 +3,7 @@
 Each radiograph is run through the first stage (no refiner) on a grid of views (zoom 0.85-1.15,
 content moved by up to 25 input rows, about 3/4 of a vertebra), once per radiograph; every view set
 below is a subset of that grid with the standard view first.  Per view set and per image variant:
-how many chains are shifted after the vote (``xray.evaluate.level_shift`` against the labels,
+how many chains are shifted after the vote (``xray.vote.level_shift`` against the labels,
 repaired where stored out of order), and how many shifted chains the vote's disagreement flag, the
 first stage's flag rule, or either of them leaves unflagged.
 

@@ -154,7 +154,9 @@ def _against_repaired_labels(result, true_px, truth, radiograph) -> dict:
     if repaired is None:
         return {"label_order": status}
     angles = cobb_angles(repaired, image_height=radiograph.height).angles_deg
+    misnamed = misnamed_vertebrae(result.points_px, repaired)
     return {"label_order": status, "level_shift_repaired": level_shift(result.points_px, repaired),
+            "misnamed_vertebrae_repaired": [VERTEBRA_NAMES[i] for i in np.nonzero(misnamed)[0]],
             "reference_deg_repaired": [round(a, 3) for a in angles],
             "smape_repaired": round(smape(result.cobb.angles_deg, angles), 3)}
 
@@ -164,7 +166,9 @@ def _repaired_summary(rows: list) -> dict:
     ones as stored): how much of the level-shift rate is the labels' order, not the model."""
     shifts = [r.get("level_shift_repaired", r["level_shift"]) for r in rows]
     smapes = [r.get("smape_repaired", r["smape"]) for r in rows]
+    misnamed = [bool(r.get("misnamed_vertebrae_repaired", r["misnamed_vertebrae"])) for r in rows]
     return {"labels_out_of_order": sum("label_order" in r for r in rows),
+            "misnamed_image_rate_repaired_labels": float(np.mean(misnamed)),
             "level_shift_rate_repaired_labels": float(np.mean(np.array(shifts) != 0)),
             "smape_repaired_labels": float(np.mean(smapes))}
 

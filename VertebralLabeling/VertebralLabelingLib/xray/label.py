@@ -241,7 +241,7 @@ class XrayLabeler:
         rhythm flags one."""
         review, _ = self.check_shift(decoded, source, to_source)
         last = len(decoded.peaks) - 1
-        if not agreed and self.level_vote.flag:
+        if not agreed and self.level_vote is not None and self.level_vote.flag:
             review = (0, last)  # the views disagree: either end could be off
         jump = self.gap_rhythm.irregular(xray_data.apply(matrix, decoded.corners)) if self.gap_rhythm else ()
         if jump:

@@ -2,8 +2,8 @@
 
 Why: on radiographs it has not seen, the first stage puts about one chain in five a whole level
 off (its "T1" on C7, or its "L5" on S1), and which level a chain starts on is the one decision
-that a small change of framing can flip.  Running it on views zoomed by a few percent and moved by
-half a vertebra, and matching each view's chain to the standard view's by whole levels
+that a small change of framing can flip.  Running it on views zoomed by a few percent (and, if the
+metadata asks, moved by part of a vertebra), and matching each view's chain to the standard view's by whole levels
 (:func:`level_shift`), gives a vote on the level: the chain the views agree on is kept, and an
 image whose views disagree is flagged for review (the levels depend on the framing, so they are
 not confirmed).  All views go through the network as one batch.
