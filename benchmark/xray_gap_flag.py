@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "VertebralLabeling"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +36,7 @@ from xray_level_vote import VARIANTS, arguments, stressed  # noqa: E402
 from VertebralLabelingLib.xray import aasce  # noqa: E402
 from VertebralLabelingLib.xray import data as xray_data  # noqa: E402
 from VertebralLabelingLib.xray import label as xray_label  # noqa: E402
+from VertebralLabelingLib.xray.evaluate import image_size  # noqa: E402
 from VertebralLabelingLib.xray.vote import GapRhythm, gap_log_ratios, misnamed_vertebrae, vote  # noqa: E402
 
 THRESHOLDS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, np.inf)
@@ -44,9 +44,7 @@ MIN_SPREAD = 0.03
 
 
 def labelled_pixels(aset, index):
-    with Image.open(aset.image_path(index)) as image:
-        width, height = image.size
-    return aset.landmarks[index] * [width, height]
+    return aset.landmarks[index] * image_size(aset.image_path(index))
 
 
 def rhythm_prior(aset, train):

@@ -24,7 +24,8 @@ from .label import XrayLabeler
 from .vote import level_shift, misnamed_vertebrae
 
 
-def _image_size(path):
+def image_size(path) -> tuple:
+    """(width, height) of an image: from its header when PIL reads it, else by reading it."""
     try:
         with Image.open(path) as image:  # header only
             return image.size
@@ -59,7 +60,7 @@ def cobb_from_ground_truth(images_dir, labels_dir, split: str = "all", files=Non
     indices = select(aset, split, files)
     rows = []
     for index in indices:
-        w, h = _image_size(aset.image_path(index))
+        w, h = image_size(aset.image_path(index))
         xy = aset.landmarks[index] * [w, h]
         result = cobb_angles(xy, image_height=h)
         rows.append({"image": aset.names[index], "angles_deg": [round(a, 4) for a in result.angles_deg],

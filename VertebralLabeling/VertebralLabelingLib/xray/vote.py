@@ -2,9 +2,9 @@
 
 Why: on radiographs it has not seen, the first stage puts about one chain in five a whole level
 off (its "T1" on C7, or its "L5" on S1), and which level a chain starts on is the one decision
-that a small change of framing can flip.  Running it on views zoomed by a few percent (and, if the
-metadata asks, moved by part of a vertebra), and matching each view's chain to the standard view's by whole levels
-(:func:`level_shift`), gives a vote on the level: the chain the views agree on is kept, and an
+that a small change of framing can flip.  Running it on views zoomed by a few percent (and, if
+the metadata asks, moved by part of a vertebra), and matching each view's chain to the standard
+view's by whole levels (:func:`level_shift`), gives a vote on the level: the chain the views agree on is kept, and an
 image whose views disagree is flagged for review (the levels depend on the framing, so they are
 not confirmed).  All views go through the network as one batch.
 """
@@ -58,6 +58,18 @@ def misnamed_vertebrae(pred_px, true_px) -> np.ndarray:
     return nearest != np.arange(len(pred))
 
 
+def _from_meta(meta: dict, key: str, build, needs: str):
+    """``build(meta[key])``, None when the metadata has no ``key``; a malformed section is a
+    ModelError that says what it ``needs`` (both metadata sections below are read this way)."""
+    spec = meta.get(key)
+    if not spec:
+        return None
+    try:
+        return build(spec)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"{key} must give {needs} ({error}).") from error
+
+
 @dataclass(frozen=True)
 class LevelVote:
     """The views (metadata ``level_vote``: ``scales`` and ``shifts``, every combination; a shift is
@@ -70,14 +82,11 @@ class LevelVote:
     @classmethod
     def from_meta(cls, meta: dict) -> "LevelVote | None":
         """The vote a model's metadata asks for (None without ``level_vote``)."""
-        spec = meta.get("level_vote")
-        if not spec:
+        vote = _from_meta(meta, "level_vote", lambda spec: cls(
+            tuple(float(s) for s in spec["scales"]), tuple(float(s) for s in spec["shifts"]),
+            bool(spec.get("flag", True))), "numeric 'scales' and 'shifts'")
+        if vote is None:
             return None
-        try:
-            vote = cls(tuple(float(s) for s in spec["scales"]), tuple(float(s) for s in spec["shifts"]),
-                       bool(spec.get("flag", True)))
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelError(f"level_vote must give numeric 'scales' and 'shifts' ({error}).") from error
         if not all(0.5 <= s <= 2.0 for s in vote.scales) or not all(abs(s) <= 0.25 for s in vote.shifts):
             raise ModelError("level_vote: scales must lie in [0.5, 2] and shifts in [-0.25, 0.25].")
         return vote
@@ -133,14 +142,11 @@ class GapRhythm:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "GapRhythm | None":
-        spec = meta.get("gap_rhythm")
-        if not spec:
+        rhythm = _from_meta(meta, "gap_rhythm", lambda spec: cls(
+            tuple(float(v) for v in spec["mean"]), tuple(float(v) for v in spec["std"]), float(spec["review_z"])),
+            "numeric 'mean', 'std' and 'review_z'")
+        if rhythm is None:
             return None
-        try:
-            rhythm = cls(tuple(float(v) for v in spec["mean"]), tuple(float(v) for v in spec["std"]),
-                         float(spec["review_z"]))
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelError(f"gap_rhythm must give numeric 'mean', 'std' and 'review_z' ({error}).") from error
         if len(rhythm.mean) != len(rhythm.std) or min(rhythm.std, default=0.0) <= 0 or rhythm.review_z <= 0:
             raise ModelError("gap_rhythm: 'mean' and 'std' must have the same length, std and review_z > 0.")
         return rhythm
